@@ -1,0 +1,203 @@
+"""`diffbench` command line: run, list, leaderboard, compare. Bad input: one line, exit code 2."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from harness.errors import DiffbenchError
+
+DEFAULT_SUITE = "default"
+SETTING_FLAGS = ("model", "weights", "prompts", "n_images", "steps", "guidance", "resolution",
+                 "seed", "dtype", "device", "batch_size")
+
+
+def _run_parser(sub: Any) -> None:
+    p = sub.add_parser("run", help="run a suite (default: the embedded suite, offline, on CPU)")
+    p.add_argument("--suite", help="suite TOML file or built-in suite name (default: default)")
+    p.add_argument("--method", action="append", metavar="NAME[:K=V,...]",
+                   help="method to run, repeatable (replaces the suite's methods)")
+    p.add_argument("--param", action="append", metavar="K=V",
+                   help="method parameter for every --method, repeatable")
+    p.add_argument("--model", action="append", help="model, repeatable")
+    p.add_argument("--seed", action="append", type=int, help="base seed, repeatable")
+    for flag in ("weights", "prompts", "dtype", "device"):
+        p.add_argument(f"--{flag}")
+    for flag in ("n-images", "steps", "resolution", "batch-size"):
+        p.add_argument(f"--{flag}", type=int)
+    p.add_argument("--guidance", type=float)
+    p.add_argument("--repeats", type=int, help="timed calls per cell (default 3)")
+    p.add_argument("--warmup", type=int, help="untimed warm-up calls per cell (default 1)")
+    p.add_argument("--flops", choices=("auto", "real", "fake", "off"))
+    p.add_argument("--out", help="output folder (default: diffbench-runs/<suite name>)")
+    p.add_argument("--backend", choices=("local", "ray"), default="local",
+                   help="local: cells in this process (default); ray: cells and prompt shards "
+                        "as Ray tasks, one GPU each (cluster from RAY_ADDRESS, else local Ray)")
+    p.add_argument("--shards", type=int, default=1,
+                   help="split each cell's prompts into this many shards (default 1)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="diffbench", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=_version())
+    sub = parser.add_subparsers(dest="command", required=True)
+    _run_parser(sub)
+    from harness import report, score
+
+    score.add_parser(sub)
+    report.add_parser(sub)
+    p = sub.add_parser("list", help="list registered methods, metrics, models or prompt sets")
+    p.add_argument("what", choices=("methods", "metrics", "models", "prompts"))
+    p = sub.add_parser("leaderboard", help="rebuild the CSV leaderboard from cell JSON files")
+    p.add_argument("run_dir", help="output folder of a run")
+    p.add_argument("--csv", help="where to write (default: RUN_DIR/leaderboard.csv)")
+    p = sub.add_parser("compare",
+                       help="compare a leaderboard with a reference; exit 1 on regression")
+    p.add_argument("new")
+    p.add_argument("ref")
+    p.add_argument("--tol", action="append", metavar="COLUMN=SPEC",
+                   help="tolerance: REL, or lower|higher|both:REL[:ABS]; repeatable")
+    p.add_argument("--all", action="store_true",
+                   help="show every compared value, not only failures")
+    return parser
+
+
+def _version() -> str:
+    from harness import __version__
+
+    return f"diffbench {__version__}"
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from harness import config, params, runner
+
+    overrides: dict[str, Any] = {}
+    for flag in SETTING_FLAGS:
+        value = getattr(args, flag, None)
+        if value is not None:
+            overrides[{"model": "models", "seed": "seeds"}.get(flag, flag)] = value
+    methods = None
+    if args.method:
+        extra = params.parse_assignments(args.param, "--param")
+        methods = [config.parse_method(m) for m in args.method]
+        for m in methods:
+            m["params"] = {**m["params"], **extra}
+    elif args.param:
+        raise DiffbenchError("--param needs --method")
+    run_config = config.load_suite(args.suite or DEFAULT_SUITE, overrides, methods)
+    timing = {k: getattr(args, k) for k in ("repeats", "warmup", "flops") if getattr(args, k)
+              is not None}
+    if timing:
+        timing = {**dataclasses.asdict(run_config.timing), **timing}
+        run_config = dataclasses.replace(run_config,
+                                         timing=params.build(config.Timing, timing, "timing"))
+    out = Path(args.out or Path("diffbench-runs") / run_config.name)
+    print(f"diffbench: {len(run_config.cells)} cells -> {out}", file=sys.stderr)
+    if not 1 <= args.shards <= 4096:
+        raise DiffbenchError(f"--shards={args.shards} is out of range; allowed [1, 4096]")
+    csv_path = runner.run(run_config, out, progress=not args.no_progress, backend=args.backend,
+                          shards=args.shards)
+    print(_summary(csv_path))
+    print(f"leaderboard: {csv_path}")
+    return 0
+
+
+def _summary(csv_path: Path) -> str:
+    """A short table of the leaderboard's main columns."""
+    from harness.leaderboard import read_csv
+
+    cols = ("model", "method", "params", "steps", "latency_s", "images_per_s", "speedup",
+            "peak_mem_mb", "flops_per_image", "flops_ratio", "status")
+    rows = [[r.get(c, "") for c in cols] for r in read_csv(csv_path)]
+    rows = [[v if len(v) <= 40 else v[:37] + "..." for v in r] for r in rows]
+    widths = [max(len(x) for x in col) for col in zip(cols, *rows)]
+    return "\n".join("  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip()
+                     for r in [list(cols), *rows])
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from harness.method import METHODS
+    from harness.metric import METRICS
+    from harness.models import MODELS
+    from harness.prompts import PROMPTS
+
+    if args.what == "methods":
+        for name, spec in METHODS.items():
+            fields = ", ".join(f"{f.name}={f.default!r}" for f in spec.fields())
+            print(f"{name:12s} {spec.doc}" + (f"\n{'':12s} params: {fields}" if fields else ""))
+    elif args.what == "metrics":
+        for name, cls in METRICS.items():
+            doc = (cls.__doc__ or "").strip().splitlines()
+            print(f"{name:12s} {doc[0] if doc else ''}")
+    elif args.what == "models":
+        for name, spec in MODELS.items():
+            source = spec.hub_id if spec.default_weights == "pretrained" else "random weights"
+            print(f"{name:14s} {spec.resolution}px {spec.steps} steps  {source}  "
+                  f"{spec.description}")
+    else:
+        for name, _ in PROMPTS.items():
+            print(name)
+    return 0
+
+
+def cmd_leaderboard(args: argparse.Namespace) -> int:
+    from harness.leaderboard import write_leaderboard
+    from harness.store import CellStore
+
+    store = CellStore(args.run_dir)
+    if not store.cells_dir.is_dir():
+        raise DiffbenchError(f"no cell results under {store.cells_dir}")
+    path = write_leaderboard(store.records(), args.csv or store.out_dir / "leaderboard.csv")
+    print(f"leaderboard: {path}")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from harness import compare, params
+
+    for path in (args.new, args.ref):
+        if not os.path.isfile(path):
+            raise DiffbenchError(f"leaderboard not found: {path}")
+    tolerances = compare.parse_tolerances(params.parse_assignments(args.tol, "--tol"))
+    diffs = compare.compare(args.new, args.ref, tolerances)
+    print(compare.render(diffs, only_changes=not args.all))
+    bad = sum(d.regression for d in diffs)
+    print(f"{bad} regression(s) in {len(diffs)} compared values")
+    return 1 if bad else 0
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    from harness import score
+
+    return score.run(args)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from harness import report
+
+    return report.run(args)
+
+
+COMMANDS = {"run": cmd_run, "list": cmd_list, "leaderboard": cmd_leaderboard,
+            "compare": cmd_compare, "score": cmd_score, "report": cmd_report}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # quiet library start-up notes
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except DiffbenchError as exc:
+        print(f"diffbench: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,48 @@
+"""One pipeline call on a batch of prompts, with per-image seeds that ignore batching."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from harness.models import ModelSpec
+from harness.steps import StepContext
+
+
+def image_seed(base_seed: int, index: int) -> int:
+    """Seed of image `index` of a cell: a hash of (base seed, prompt index), 31 bits."""
+    digest = hashlib.sha256(f"diffbench:{base_seed}:{index}".encode()).digest()
+    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
+
+
+def to_uint8(images: Any) -> torch.Tensor:
+    """Pipeline output (torch NCHW or numpy NHWC, float in [0, 1]) as uint8 NHWC on the CPU."""
+    if isinstance(images, np.ndarray):
+        images = torch.from_numpy(images)
+    else:
+        images = images.detach().permute(0, 2, 3, 1)
+    images = images.float().cpu()
+    if not torch.isfinite(images).all():
+        raise FloatingPointError("the pipeline produced NaN or infinite pixel values")
+    images = images.clamp(0, 1)
+    return (images * 255).round().to(torch.uint8)
+
+
+def call_kwargs(spec: ModelSpec, prompts: Sequence[str], seeds: Sequence[int], steps: int,
+                guidance: float, resolution: int, overrides: Mapping[str, Any]) -> dict:
+    """Arguments of one pipeline call; a method's overrides (e.g. step count) win."""
+    generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
+    kwargs = spec.call_kwargs(list(prompts), steps, guidance, resolution, generators)
+    kwargs.update(overrides)
+    return kwargs
+
+
+def generate(pipe: Any, ctx: StepContext, kwargs: dict) -> torch.Tensor:
+    """Run the pipeline under the step context; uint8 NHWC images."""
+    with torch.inference_mode():
+        out = ctx.generate(pipe, **kwargs)
+    return to_uint8(out.images)

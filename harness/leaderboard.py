@@ -1,0 +1,125 @@
+"""CSV leaderboards built from cell records: fixed columns, fixed float formats, stable order."""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+IDENTITY = ("model", "weights", "method", "params", "config_hash", "prompts", "n_images", "steps",
+            "guidance", "resolution", "seed", "dtype", "batch_size", "device")
+ENVIRONMENT = ("device_name", "device_count", "cuda", "driver", "torch", "diffusers",
+               "transformers", "python", "diffbench", "git_sha")
+# Known metric columns in display order, with their fixed formats.
+FORMATS: dict[str, str] = {
+    "latency_s": "{:.6f}", "latency_min_s": "{:.6f}", "latency_max_s": "{:.6f}",
+    "images_per_s": "{:.4f}", "speedup": "{:.4f}", "repeats": "{:d}",
+    "t_text_encoder_s": "{:.6f}", "t_denoise_s": "{:.6f}", "t_decode_s": "{:.6f}",
+    "peak_mem_mb": "{:.1f}", "flops_per_image": "{:.0f}", "flops_ratio": "{:.4f}",
+    "tflops_achieved": "{:.6f}", "mfu": "{:.6f}",
+    "fid": "{:.4f}", "fid_ci_lo": "{:.4f}", "fid_ci_hi": "{:.4f}",
+    "fd_clip": "{:.6f}", "fd_clip_ci_lo": "{:.6f}", "fd_clip_ci_hi": "{:.6f}",
+    "clip_score": "{:.4f}", "clip_score_ci_lo": "{:.4f}", "clip_score_ci_hi": "{:.4f}",
+    "nsfw_ratio": "{:.4f}", "nsfw_ratio_ci_lo": "{:.4f}", "nsfw_ratio_ci_hi": "{:.4f}",
+    "concept_ratio": "{:.4f}", "concept_ratio_ci_lo": "{:.4f}", "concept_ratio_ci_hi": "{:.4f}",
+    "psnr": "{:.4f}", "psnr_ci_lo": "{:.4f}", "psnr_ci_hi": "{:.4f}", "psnr_identical": "{:d}",
+    "ssim": "{:.6f}", "ssim_ci_lo": "{:.6f}", "ssim_ci_hi": "{:.6f}", "nsfw_threshold": "{:.2f}",
+}
+TRAILER = ("images_sha", "status", "error", "note")
+# Columns that vary from run to run on the same machine (everything else must be identical).
+MEASURED = ("latency_s", "latency_min_s", "latency_max_s", "images_per_s", "speedup",
+            "t_text_encoder_s", "t_denoise_s", "t_decode_s", "peak_mem_mb", "tflops_achieved",
+            "mfu")
+
+
+def fmt(column: str, value: Any) -> str:
+    """Fixed text form of a value: empty for missing, the column's format for numbers."""
+    if value is None or value == "":
+        return ""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, (int, float)):
+        spec = FORMATS.get(column, "{:.6g}")
+        if spec == "{:d}":
+            return str(int(value))
+        return spec.format(value)
+    return str(value)
+
+
+def _ratios(record: dict[str, Any], by_key: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Speedup (baseline latency / latency) and FLOPs ratio against the matching baseline."""
+    base = by_key.get(record.get("baseline_key", ""))
+    if not base or base.get("status") != "ok" or record.get("status") != "ok":
+        return {}
+    mine, ref = record["metrics"], base["metrics"]
+    out = {}
+    if mine.get("latency_s") and ref.get("latency_s"):
+        out["speedup"] = ref["latency_s"] / mine["latency_s"]
+    if mine.get("flops_per_image") and ref.get("flops_per_image"):
+        out["flops_ratio"] = mine["flops_per_image"] / ref["flops_per_image"]
+    return out
+
+
+def row(record: dict[str, Any], by_key: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """One leaderboard row (raw values) of a cell record."""
+    cell = dict(record["cell"])
+    cell["config_hash"] = record["key"]
+    if record.get("effective_steps"):
+        cell["steps"] = record["effective_steps"]
+    values = {**cell, **record.get("environment", {}), **record.get("metrics", {})}
+    values.update(_ratios(record, by_key))
+    values.update({k: record.get(k, "") for k in TRAILER})
+    return values
+
+
+def columns_of(rows: Iterable[dict[str, Any]]) -> list[str]:
+    """Identity, environment, known metrics in order, other metrics sorted, then the trailer."""
+    present = set().union(*[r.keys() for r in rows]) if rows else set()
+    fixed = set(IDENTITY) | set(ENVIRONMENT) | set(TRAILER)
+    known = [c for c in FORMATS if c in present]
+    extra = sorted(present - fixed - set(known))
+    return [*IDENTITY, *ENVIRONMENT, *known, *extra, *TRAILER]
+
+
+def sort_key(r: dict[str, Any]) -> tuple:
+    """Stable order: settings first, the baseline before other methods, then method and params."""
+    return (r["model"], r["weights"], r["prompts"], r["resolution"], r["dtype"], r["device"],
+            r["seed"], r["n_images"], r["guidance"], r["method"] != "baseline", r["method"],
+            r["params"], r["config_hash"])
+
+
+def build_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    by_key = {r["key"]: r for r in records}
+    return sorted((row(r, by_key) for r in records), key=sort_key)
+
+
+def render_csv(records: list[dict[str, Any]]) -> str:
+    """The leaderboard CSV text for these cell records."""
+    rows = build_rows(records)
+    cols = columns_of(rows)
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(cols)
+    for r in rows:
+        writer.writerow([fmt(c, r.get(c)) for c in cols])
+    return buf.getvalue()
+
+
+def write_leaderboard(records: list[dict[str, Any]], path: str | Path) -> Path:
+    """Write the CSV atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".csv")
+    with os.fdopen(fd, "w") as fh:
+        fh.write(render_csv(records))
+    os.replace(tmp, path)
+    return path
+
+
+def read_csv(path: str | Path) -> list[dict[str, str]]:
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))

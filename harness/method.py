@@ -1,0 +1,143 @@
+"""Method adapter contract: a registered frozen config + `apply(pipe, config, ctx) -> handle`."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import pkgutil
+import sys
+import weakref
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+
+from harness import params as P
+from harness.errors import DiffbenchError
+from harness.registry import Registry
+from harness.steps import StepContext
+
+_MISSING = object()
+
+
+@dataclasses.dataclass(frozen=True)
+class MethodSpec:
+    """A registered method: its name, config class and the module that holds `apply`."""
+
+    name: str
+    config_cls: type
+    module: str
+    touches: frozenset[str] = frozenset()  # pipeline parts it changes; stacks may not share one
+
+    @property
+    def doc(self) -> str:
+        text = (sys.modules[self.module].__doc__ or self.config_cls.__doc__ or "").strip()
+        return text.splitlines()[0] if text else ""
+
+    def config(self, params: Mapping[str, Any] | None = None) -> Any:
+        """Build and validate the method's frozen config from a parameter mapping."""
+        return P.build(self.config_cls, params, owner=self.name)
+
+    def apply(self, pipe: Any, config: Any, ctx: StepContext) -> MethodHandle:
+        return sys.modules[self.module].apply(pipe, config, ctx)
+
+    def fields(self) -> list[dataclasses.Field]:
+        return list(dataclasses.fields(self.config_cls))
+
+
+def _load_all_methods() -> None:
+    import methods
+
+    for info in pkgutil.iter_modules(methods.__path__):
+        importlib.import_module(f"methods.{info.name}")
+
+
+METHODS: Registry[MethodSpec] = Registry("method", loader=_load_all_methods)
+
+
+def register_method(name: str, touches: tuple[str, ...] = ()) -> Callable[[type], type]:
+    """Class decorator for a method's frozen config dataclass; the only place a name is set.
+
+    `touches` names the parts of a pipeline the method changes (e.g. "scheduler",
+    "unet.block_outputs", "attention.tokens"); a stack of methods that share one is refused.
+    """
+    if "+" in name:
+        raise ValueError(f"method name {name!r}: '+' joins methods into a stack")
+
+    def decorator(config_cls: type) -> type:
+        if not dataclasses.is_dataclass(config_cls) or not config_cls.__dataclass_params__.frozen:
+            raise TypeError(f"method '{name}': config must be a frozen dataclass")
+        spec = MethodSpec(name, config_cls, config_cls.__module__, frozenset(touches))
+        METHODS.register(name)(spec)
+        config_cls.method_name = name
+        return config_cls
+
+    return decorator
+
+
+_APPLIED: weakref.WeakKeyDictionary[Any, set[str]] = weakref.WeakKeyDictionary()
+
+
+class MethodHandle:
+    """Every change a method made to a pipeline, undone in reverse order by `remove()`.
+
+    Changes go through `swap_attr` (attributes, including instance `forward` overrides,
+    restored exactly, absence included) and `add_hook` (torch hook handles).
+    `call_kwargs` are pipeline-call arguments the method sets (e.g. the step count).
+    """
+
+    def __init__(self, pipe: Any, name: str, config: Any):
+        applied = _APPLIED.setdefault(pipe, set())
+        if name in applied:
+            raise DiffbenchError(f"method '{name}' is already applied to this pipeline; "
+                                 "remove() its handle first")
+        applied.add(name)
+        self.pipe, self.name, self.config = pipe, name, config
+        self.call_kwargs: dict[str, Any] = {}
+        self._undo: list[Callable[[], None]] = []
+        self._removed = False
+
+    def swap_attr(self, obj: Any, attr: str, value: Any) -> None:
+        """Set obj.attr = value, remembering the instance's own previous value (or absence)."""
+        own = obj.__dict__ if not isinstance(obj, torch.nn.Module) else None
+        if isinstance(obj, torch.nn.Module):
+            for store in ("_modules", "_parameters", "_buffers"):
+                if attr in obj.__dict__[store]:
+                    own = obj.__dict__[store]
+                    break
+            else:
+                own = obj.__dict__
+        previous = own.get(attr, _MISSING)
+
+        def undo() -> None:
+            if previous is _MISSING:
+                delattr(obj, attr)
+            else:
+                setattr(obj, attr, previous)
+
+        setattr(obj, attr, value)
+        self._undo.append(undo)
+
+    def add_hook(self, hook_handle: Any) -> None:
+        """Track a torch RemovableHandle (forward / pre-forward hook)."""
+        self._undo.append(hook_handle.remove)
+
+    def on_remove(self, fn: Callable[[], None]) -> None:
+        """Run fn on remove (e.g. to drop cached tensors)."""
+        self._undo.append(fn)
+
+    def remove(self) -> None:
+        """Undo every change, most recent first; idempotent."""
+        if self._removed:
+            return
+        for undo in reversed(self._undo):
+            undo()
+        self._undo.clear()
+        _APPLIED.get(self.pipe, set()).discard(self.name)
+        self._removed = True
+
+    def __enter__(self) -> MethodHandle:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.remove()

@@ -1,0 +1,130 @@
+"""Metric contract (torchmetrics style): declared mergeable states, update / compute / reset."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import importlib
+import pkgutil
+from collections.abc import Callable, Mapping
+from typing import Any, ClassVar
+
+from harness.registry import Registry
+
+
+def _sum(a: Any, b: Any) -> Any:
+    """Sum; dicts of counts add key by key."""
+    if isinstance(a, Mapping):
+        return {k: _sum(a.get(k, 0), b.get(k, 0)) for k in dict.fromkeys([*a, *b])}
+    return a + b
+
+
+REDUCTIONS: dict[str, Callable[[Any, Any], Any]] = {
+    "sum": _sum,
+    "max": max,
+    "min": min,
+    "cat": lambda a, b: list(a) + list(b),
+}
+
+
+@dataclasses.dataclass
+class Observation:
+    """What the runner saw in one pipeline call; each metric reads the fields it needs.
+
+    Fields a phase did not measure stay None.
+    """
+
+    n_images: int
+    seconds: float | None = None  # wall time of the call, device-synchronised on both ends
+    stage_seconds: dict[str, float] | None = None  # text_encoder / denoise / decode
+    peak_bytes: int | None = None  # peak memory during the call
+    memory_kind: str = ""  # what peak_bytes measures: cuda_allocated, rss_peak, rss_lifetime
+    flops: int | None = None  # floating-point operations of the whole call
+    images: Any = None  # uint8 tensor N x H x W x 3 (quality metrics)
+    prompts: list[str] | None = None
+    baseline_images: Any = None  # the baseline cell's images for the same prompts and seeds
+    device: str = "cpu"
+
+
+@dataclasses.dataclass(frozen=True)
+class MetricContext:
+    """What a metric may need to set itself up for a cell (e.g. which CLIP model scores it)."""
+
+    cell: Any  # harness.config.Cell
+    spec: Any  # harness.models.ModelSpec
+    store: Any  # harness.store.CellStore (image cache, reference statistics)
+    options: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
+    # per-metric options of the run: suite tables [metric_options.<name>]
+
+
+class Metric:
+    """Base class: subclasses declare states with `add_state` and implement update/compute.
+
+    States merge exactly across shards with the declared reduction ("sum", "max", "min", "cat").
+    """
+
+    name: ClassVar[str] = ""
+    higher_is_better: ClassVar[bool | None] = None
+
+    def __init__(self) -> None:
+        self._defaults: dict[str, Any] = {}
+        self._reductions: dict[str, str] = {}
+
+    def add_state(self, name: str, default: Any, reduce: str) -> None:
+        if reduce not in REDUCTIONS:
+            raise ValueError(f"unknown reduction {reduce!r}; use one of {sorted(REDUCTIONS)}")
+        self._defaults[name] = copy.deepcopy(default)
+        self._reductions[name] = reduce
+        setattr(self, name, copy.deepcopy(default))
+
+    @classmethod
+    def for_cell(cls, context: MetricContext) -> Metric:
+        """The metric configured for one cell; quality metrics pick extractors here."""
+        return cls()
+
+    def update(self, obs: Observation) -> None:
+        raise NotImplementedError
+
+    def compute(self) -> dict[str, float | None]:
+        """Leaderboard columns of this metric."""
+        raise NotImplementedError
+
+    def reset(self) -> None:
+        for name, default in self._defaults.items():
+            setattr(self, name, copy.deepcopy(default))
+
+    def state(self) -> dict[str, Any]:
+        return {name: copy.deepcopy(getattr(self, name)) for name in self._defaults}
+
+    def merge(self, other: Metric) -> None:
+        """Fold another shard's state into this one."""
+        self.merge_state(other.state())
+
+    def merge_state(self, state: Mapping[str, Any]) -> None:
+        """Fold a shard's `state()` (e.g. sent back by a worker) into this metric's state."""
+        for name, reduce in self._reductions.items():
+            mine, theirs = getattr(self, name), state.get(name)
+            if theirs is None:
+                continue
+            setattr(self, name, copy.deepcopy(theirs) if mine is None
+                    else REDUCTIONS[reduce](mine, theirs))
+
+
+def _load_all_metrics() -> None:
+    import metrics
+
+    for info in pkgutil.iter_modules(metrics.__path__):
+        importlib.import_module(f"metrics.{info.name}")
+
+
+METRICS: Registry[type[Metric]] = Registry("metric", loader=_load_all_metrics)
+
+
+def register_metric(name: str) -> Callable[[type[Metric]], type[Metric]]:
+    """Class decorator for a Metric subclass; the only place its name is set."""
+
+    def decorator(cls: type[Metric]) -> type[Metric]:
+        cls.name = name
+        return METRICS.register(name)(cls)
+
+    return decorator

@@ -1,0 +1,142 @@
+"""ASE block dropping (Moon et al., ICML 2024, arXiv 2408.05927): fewer denoiser blocks when noisy.
+
+Adaptive Score Estimation's time-dependent exit schedule, training-free part (paper Sec. 3-4):
+score estimation is easier at high noise, so early (noisy) steps run fewer blocks and late steps
+run all of them. At step s of T the last k(s) blocks are skipped (a skipped block returns its
+input): k = drop_max at step 0, falling to 0 over the first `until` fraction of the steps,
+linearly (k = ceil(drop_max * (1 - s / (until * T)))) or as a step (k = drop_max throughout).
+Transformer denoisers (pipe.transformer): the last k transformer blocks, as the paper does
+for DiT. UNets (pipe.unet), whose skip connections need valid shapes: the deepest
+shape-preserving layers, in this order: the whole mid block first, then level by level from the
+deepest, the down block's layers last-to-first followed by the mirrored up block's layers
+first-to-last, where a layer is an attention (Transformer2DModel) or a resnet whose input and
+output channels match with no resampling (up-block resnets take the concatenated skip, so they
+always run). Without fine-tuning quality drops with k: the fine-tuned ASE variant, which trains
+the model for the dropped blocks, comes in a later issue (it needs training).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from harness.errors import DiffbenchError
+from harness.method import MethodHandle, register_method
+from harness.params import param
+from harness.steps import StepContext
+
+
+@register_method("block_drop", touches=("transformer.blocks", "unet.block_outputs"))
+@dataclass(frozen=True)
+class BlockDropConfig:
+    """ASE drop schedule: blocks dropped at the noisiest step and how that count decays."""
+
+    drop_max: int = param(2, "blocks skipped at the first (noisiest) step (0 = all blocks run)",
+                          low=0, high=1000)
+    schedule: str = param("linear", "how the drop count falls to 0 over `until`",
+                          choices=("linear", "step"))
+    until: float = param(0.5, "fraction of the steps with dropped blocks; all blocks run after",
+                         low=0.0, high=1.0)
+
+
+def drop_count(step: int, num_steps: int, drop_max: int, schedule: str, until: float) -> int:
+    """Blocks skipped at `step` (ASE's time-dependent schedule); 0 outside the dropping span."""
+    span = until * num_steps
+    if not 0 <= step < span:
+        return 0
+    if schedule == "step":
+        return drop_max
+    return min(drop_max, math.ceil(drop_max * (1 - step / span) - 1e-9))
+
+
+def _passthrough_tensor(args: tuple, kwargs: dict) -> Any:
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def _passthrough_output(args: tuple, kwargs: dict) -> Any:
+    """A skipped Transformer2DModel: its input, as a tuple or an output object."""
+    from diffusers.models.modeling_outputs import Transformer2DModelOutput
+
+    hidden = _passthrough_tensor(args, kwargs)
+    return Transformer2DModelOutput(sample=hidden) if kwargs.get("return_dict", True) else (hidden,)
+
+
+Unit = tuple[str, torch.nn.Module, Callable[[tuple, dict], Any]]
+
+
+def _level_layers(block: Any) -> list[Unit]:
+    """Shape-preserving layers of one UNet block in forward order (resnet j, then attention j)."""
+    attentions = list(getattr(block, "attentions", None) or [])
+    out: list[Unit] = []
+    for j, resnet in enumerate(getattr(block, "resnets", None) or []):
+        if resnet.in_channels == resnet.out_channels and not (resnet.up or resnet.down):
+            out.append((f"resnets.{j}", resnet, _passthrough_tensor))
+        if j < len(attentions):
+            out.append((f"attentions.{j}", attentions[j], _passthrough_output))
+    return out
+
+
+def unet_units(unet: Any) -> list[Unit]:
+    """Droppable UNet layers, deepest first: mid block, then per level down (reversed) + up."""
+    units: list[Unit] = []
+    if unet.mid_block is not None:
+        units.append(("mid_block", unet.mid_block, _passthrough_tensor))
+    n = len(unet.down_blocks)
+    for level in reversed(range(n)):
+        down, up = f"down_blocks.{level}", f"up_blocks.{n - 1 - level}"
+        units += [(f"{down}.{name}", m, fn)
+                  for name, m, fn in reversed(_level_layers(unet.down_blocks[level]))]
+        units += [(f"{up}.{name}", m, fn)
+                  for name, m, fn in _level_layers(unet.up_blocks[n - 1 - level])]
+    return units
+
+
+def transformer_units(transformer: Any) -> list[Unit]:
+    """Transformer blocks, last first (ASE skips the final blocks of a DiT)."""
+    blocks = list(transformer.transformer_blocks)
+    return [(f"transformer_blocks.{i}", blocks[i], _passthrough_tensor)
+            for i in reversed(range(len(blocks)))]
+
+
+def denoiser_units(pipe: Any) -> tuple[str, list[Unit]]:
+    """(what, units): droppable units of the pipeline's denoiser, in drop order."""
+    transformer = getattr(pipe, "transformer", None)
+    if getattr(transformer, "transformer_blocks", None):
+        return "transformer", transformer_units(transformer)
+    unet = getattr(pipe, "unet", None)
+    if unet is not None and hasattr(unet, "down_blocks"):
+        return "UNet", unet_units(unet)
+    raise DiffbenchError("block_drop needs a transformer (pipe.transformer with transformer_blocks)"
+                         f" or a UNet (pipe.unet); {type(pipe).__name__} has neither")
+
+
+def apply(pipe: Any, config: BlockDropConfig, ctx: StepContext) -> MethodHandle:
+    """Make unit r (in drop order) return its input while r < k(ctx.step)."""
+    what, units = denoiser_units(pipe)
+    high = len(units) - 1 if what == "transformer" else len(units)  # >= 1 transformer block
+    if config.drop_max > high:
+        raise DiffbenchError(f"block_drop.drop_max={config.drop_max} is out of range for this "
+                             f"{what}; allowed [0, {high}]")
+    handle = MethodHandle(pipe, "block_drop", config)
+    if config.drop_max == 0:
+        return handle  # all blocks run: the unchanged pipeline
+
+    def dropped(rank: int) -> bool:
+        c = config
+        return rank < drop_count(ctx.step, ctx.num_steps, c.drop_max, c.schedule, c.until)
+
+    for rank, (_, module, passthrough) in enumerate(units[:config.drop_max]):
+        handle.swap_attr(module, "forward", _skippable(rank, module.forward, passthrough, dropped))
+    return handle
+
+
+def _skippable(rank: int, forward: Callable[..., Any], passthrough: Callable[[tuple, dict], Any],
+               dropped: Callable[[int], bool]) -> Callable[..., Any]:
+    def run(*args: Any, **kwargs: Any) -> Any:
+        return passthrough(args, kwargs) if dropped(rank) else forward(*args, **kwargs)
+
+    return run

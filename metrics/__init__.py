@@ -1,0 +1,1 @@
+"""Metrics: one module per metric (pure math, extractor, stateful wrapper)."""

@@ -1,0 +1,115 @@
+"""Concept ratio: share of images in which a named concept is still detected, by zero-shot
+CLIP (the concept prompt against contrast prompts), for concept-erasure methods.
+
+A cell gets a value only when a concept is named: `[metrics.concept] concept = "..."` in the
+run options (every cell, baseline included, so the ratio before erasure sits next to the ratio
+after), or a `concept` / `erase` key in the cell's method params (that cell only).
+Detection: softmax over logit_scale * cos(image, prompt) across [concept, *contrasts]; the image
+counts when the concept prompt has the highest probability and at least `min_prob` (0 default).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from harness.metric import Metric, MetricContext, Observation, register_metric
+from metrics.bootstrap import ci_columns, images_as_numpy, metric_options, quality_skip_reason
+
+CONTRASTS = ("a photo", "an image of an object", "a picture of a scene")
+TEMPLATE = "{}"
+MIN_N = 100
+PARAM_KEYS = ("concept", "erase")
+
+
+def zero_shot_probs(image_emb: torch.Tensor, prompt_emb: torch.Tensor,
+                    logit_scale: float = 100.0) -> torch.Tensor:
+    """N x P softmax of logit_scale * cosine similarities (pure; float64)."""
+    a = image_emb.double() / image_emb.double().norm(dim=-1, keepdim=True)
+    b = prompt_emb.double() / prompt_emb.double().norm(dim=-1, keepdim=True)
+    return torch.softmax(logit_scale * a @ b.T, dim=-1)
+
+
+def detected(probs: torch.Tensor, min_prob: float = 0.0) -> np.ndarray:
+    """1.0 where column 0 (the concept) is the argmax and has at least `min_prob`."""
+    hit = (probs.argmax(-1) == 0) & (probs[:, 0] >= min_prob)
+    return hit.double().numpy()
+
+
+def concept_of(context: Any) -> str:
+    """The concept this cell is scored for ("" when none is named)."""
+    opts = metric_options(context, "concept")
+    if opts.get("concept"):
+        return str(opts["concept"])
+    try:
+        params = json.loads(getattr(context.cell, "params", "{}") or "{}")
+    except ValueError:
+        return ""
+    for key in PARAM_KEYS:
+        value = params.get(key)
+        if isinstance(value, str) and value:
+            return value
+    return ""
+
+
+@register_metric("concept")
+class ConceptRatio(Metric):
+    """Share of images where the concept is detected (zero-shot), CI, concept and model named."""
+
+    higher_is_better = False
+
+    def __init__(self, backend: Any = None, concept: str = "",
+                 contrasts: Sequence[str] = CONTRASTS, template: str = TEMPLATE,
+                 min_prob: float = 0.0) -> None:
+        super().__init__()
+        self.backend, self.concept = backend, concept
+        self.contrasts, self.template = tuple(contrasts), template
+        self.min_prob = float(min_prob)
+        self.note = ""
+        self._prompt_emb: torch.Tensor | None = None
+        self.add_state("flags", [], reduce="cat")
+
+    @classmethod
+    def for_cell(cls, context: MetricContext) -> ConceptRatio:
+        from metrics.clip_score import try_backend
+
+        concept = concept_of(context)
+        if quality_skip_reason(context) or not concept:
+            return cls()
+        opts = metric_options(context, "concept")
+        backend, note = try_backend(context, "concept")
+        if backend is None:
+            m = cls(concept=concept)
+            m.note = note
+            return m
+        return cls(backend, concept,
+                   contrasts=tuple(opts.get("contrasts", CONTRASTS)),
+                   template=str(opts.get("template", TEMPLATE)),
+                   min_prob=float(opts.get("min_prob", 0.0)))
+
+    @property
+    def prompts(self) -> list[str]:
+        return [self.template.format(t) for t in (self.concept, *self.contrasts)]
+
+    def update(self, obs: Observation) -> None:
+        if self.backend is None or not self.concept or obs.images is None:
+            return
+        if self._prompt_emb is None:
+            self._prompt_emb = self.backend.text_embeds(self.prompts)
+        logit_scale = getattr(self.backend.model, "logit_scale", None)  # CLIP's learned scale
+        scale = float(logit_scale.detach().exp()) if logit_scale is not None else 100.0
+        emb = self.backend.image_embeds(images_as_numpy(obs.images))
+        self.flags.extend(float(f) for f in
+                          detected(zero_shot_probs(emb, self._prompt_emb, scale), self.min_prob))
+
+    def compute(self) -> dict[str, Any]:
+        if self.backend is None or not self.concept:
+            return {"concept_ratio": None, "concept_note": self.note} if self.note else {}
+        out = ci_columns("concept_ratio", self.flags, MIN_N, "wide interval")
+        out.update({"concept": self.concept, "concept_model": self.backend.name,
+                    "concept_contrasts": "|".join(self.contrasts)})
+        return out

@@ -1,0 +1,122 @@
+"""The shared contract every method adapter passes (DESIGN.md, "Method adapter")."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import pytest
+import torch
+
+from harness.errors import DiffbenchError
+from harness.generate import call_kwargs, generate, image_seed
+from harness.stack import resolve_method
+from harness.steps import StepContext
+
+PROMPTS = ["a large red circle on a blue background", "a small green star on a white background",
+           "a large yellow square on a black background"]
+
+
+def run(pipe: Any, spec: Any, handle: Any, prompts: list[str], first_index: int = 0,
+        ctx: StepContext | None = None, steps: int = 6) -> torch.Tensor:
+    """Generate `prompts` on the tiny pipeline with per-image seeds; uint8 images."""
+    ctx = ctx or StepContext()
+    seeds = [image_seed(0, first_index + i) for i in range(len(prompts))]
+    overrides = handle.call_kwargs if handle is not None else {}
+    return generate(pipe, ctx, call_kwargs(spec, prompts, seeds, steps, 5.0, 32, overrides))
+
+
+def state_fingerprint(pipe: Any) -> dict:
+    """Everything a method could leave behind: parameters, hooks, instance attributes."""
+    out = {"scheduler": id(pipe.scheduler)}
+    for comp in ("unet", "transformer", "text_encoder", "vae"):
+        model = getattr(pipe, comp, None)
+        if model is None:
+            continue
+        out[comp] = {k: v.clone() for k, v in model.state_dict().items()}
+        for name, mod in model.named_modules():
+            out[f"{comp}.{name}.hooks"] = (len(mod._forward_hooks), len(mod._forward_pre_hooks))
+            out[f"{comp}.{name}.dict"] = sorted(k for k in mod.__dict__ if not k.startswith("_"))
+    return out
+
+
+def assert_same_state(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        if isinstance(a[key], dict) and a[key] and isinstance(next(iter(a[key].values())),
+                                                               torch.Tensor):
+            assert a[key].keys() == b[key].keys()
+            for name in a[key]:
+                assert torch.equal(a[key][name], b[key][name]), f"{key}.{name} changed"
+        else:
+            assert a[key] == b[key], f"{key} changed: {a[key]} != {b[key]}"
+
+
+class MethodContract:
+    """Inherit and set `method`, `identity_params` (bit-identical to baseline, or None when the
+    method has no identity setting) and `active_params` (a setting that changes the output)."""
+
+    method: ClassVar[str]
+    identity_params: ClassVar[dict | None] = None
+    active_params: ClassVar[dict | None] = None
+
+    @pytest.fixture()
+    def baseline_images(self, tiny_pipe: Any, tiny_spec: Any) -> torch.Tensor:
+        return run(tiny_pipe, tiny_spec, None, PROMPTS[:2])
+
+    def apply(self, pipe: Any, params: dict | None, ctx: StepContext | None = None) -> Any:
+        spec = resolve_method(self.method)
+        return spec.apply(pipe, spec.config(params), ctx or StepContext())
+
+    def test_registered_with_documented_fields(self) -> None:
+        spec = resolve_method(self.method)
+        assert spec.doc, "method module needs a one-line docstring"
+        for field in spec.fields():
+            assert field.metadata.get("doc"), f"field {field.name} needs a doc"
+
+    def test_identity_setting_matches_baseline(self, tiny_pipe, tiny_spec, baseline_images):
+        if self.identity_params is None:
+            pytest.skip("method has no identity setting")
+        ctx = StepContext()
+        with self.apply(tiny_pipe, self.identity_params, ctx) as handle:
+            images = run(tiny_pipe, tiny_spec, handle, PROMPTS[:2], ctx=ctx)
+        assert torch.equal(images, baseline_images)
+
+    def test_active_setting_changes_output(self, tiny_pipe, tiny_spec, baseline_images):
+        if self.active_params is None:
+            pytest.skip("method has no active setting")
+        ctx = StepContext()
+        with self.apply(tiny_pipe, self.active_params, ctx) as handle:
+            images = run(tiny_pipe, tiny_spec, handle, PROMPTS[:2], ctx=ctx)
+        assert images.shape == baseline_images.shape
+        assert not torch.equal(images, baseline_images)
+
+    def test_remove_restores_pipeline_exactly(self, tiny_pipe, tiny_spec, baseline_images):
+        before = state_fingerprint(tiny_pipe)
+        ctx = StepContext()
+        handle = self.apply(tiny_pipe, self.active_params, ctx)
+        run(tiny_pipe, tiny_spec, handle, PROMPTS[:2], ctx=ctx)
+        handle.remove()
+        assert_same_state(before, state_fingerprint(tiny_pipe))
+        assert torch.equal(run(tiny_pipe, tiny_spec, None, PROMPTS[:2]), baseline_images)
+
+    def test_apply_twice_raises(self, tiny_pipe):
+        with self.apply(tiny_pipe, self.active_params):
+            with pytest.raises(DiffbenchError, match="already applied"):
+                self.apply(tiny_pipe, self.active_params)
+        self.apply(tiny_pipe, self.active_params).remove()  # allowed again after remove()
+
+    def test_state_resets_between_batches(self, tiny_pipe, tiny_spec):
+        ctx = StepContext()
+        with self.apply(tiny_pipe, self.active_params, ctx) as handle:
+            run(tiny_pipe, tiny_spec, handle, PROMPTS[:2], ctx=ctx)
+            second = run(tiny_pipe, tiny_spec, handle, PROMPTS[2:], first_index=2, ctx=ctx)
+        ctx = StepContext()
+        with self.apply(tiny_pipe, self.active_params, ctx) as handle:
+            fresh = run(tiny_pipe, tiny_spec, handle, PROMPTS[2:], first_index=2, ctx=ctx)
+        assert torch.equal(second, fresh)
+
+    def test_unknown_parameter_is_one_line_error(self):
+        spec = resolve_method(self.method)
+        with pytest.raises(DiffbenchError) as err:
+            spec.config({"no_such_param": 1})
+        assert "\n" not in str(err.value) and "no_such_param" in str(err.value)

@@ -1,0 +1,45 @@
+"""Concept ratio: zero-shot detection math, where the concept comes from, the metric."""
+
+import numpy as np
+import torch
+
+from harness.metric import Observation
+from metrics import concept as cc
+from tests.metrics.test_clip_score import images, tiny_backend
+
+
+def test_zero_shot_detection_math():
+    img = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.9]])
+    prompts = torch.tensor([[1.0, 0.0], [0.0, 1.0]])  # concept, contrast
+    probs = cc.zero_shot_probs(img, prompts)
+    np.testing.assert_allclose(probs.sum(-1).numpy(), 1.0)
+    np.testing.assert_array_equal(cc.detected(probs), [1, 0, 1])
+    np.testing.assert_array_equal(cc.detected(probs, min_prob=0.9999), [1, 0, 0])
+
+
+def test_concept_comes_from_options_or_params():
+    from types import SimpleNamespace as NS
+
+    assert cc.concept_of(NS(cell=NS(params='{"concept": "nudity"}'))) == "nudity"
+    assert cc.concept_of(NS(cell=NS(params='{"erase": "van gogh"}'))) == "van gogh"
+    assert cc.concept_of(NS(cell=NS(params="{}"))) == ""
+    ctx = NS(cell=NS(params="{}"), options={"concept": {"concept": "red"}})
+    assert cc.concept_of(ctx) == "red"
+    toy = NS(cell=NS(params='{"concept": "x"}', weights="none", device="cpu"),
+             spec=NS(name="tiny-sd", has_quality=False))
+    assert cc.ConceptRatio.for_cell(toy).compute() == {}
+
+
+def test_metric_counts_and_names():
+    backend = tiny_backend()
+    m = cc.ConceptRatio(backend, "a red circle", contrasts=("a blue square", "a green star"))
+    x = images(5)
+    m.update(Observation(n_images=5, images=x))
+    out = m.compute()
+    probs = cc.zero_shot_probs(backend.image_embeds(x.numpy()), backend.text_embeds(m.prompts),
+                               float(backend.model.logit_scale.detach().exp()))
+    assert out["concept_ratio"] == float(cc.detected(probs).mean())
+    assert out["concept"] == "a red circle" and out["concept_model"] == "tiny-clip"
+    assert out["concept_contrasts"] == "a blue square|a green star"
+    assert out["concept_ratio_ci_lo"] <= out["concept_ratio"] <= out["concept_ratio_ci_hi"]
+    assert cc.ConceptRatio().compute() == {}

@@ -1,0 +1,106 @@
+"""FLOP counting: analytic counts, CPU SDPA, fake tensors equal to real on a whole pipeline."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.utils import flop_counter
+
+from harness.metric import METRICS, Observation
+from metrics.flops import (
+    Flops,
+    achieved_tflops,
+    count_flops,
+    count_flops_fake,
+    mfu,
+    register_attention_formulas,
+)
+
+
+def test_linear_is_2mnk():
+    m, k, n = 7, 33, 19
+    layer, x = nn.Linear(k, n), torch.randn(m, k)
+    assert count_flops(lambda: layer(x)) == 2 * m * n * k
+    assert count_flops_fake(lambda: layer(x)) == 2 * m * n * k
+
+
+def test_conv_is_2_times_output_times_kernel_volume():
+    conv, x = nn.Conv2d(3, 8, kernel_size=3, padding=1), torch.randn(2, 3, 10, 10)
+    assert count_flops(lambda: conv(x)) == 2 * (2 * 8 * 10 * 10) * (3 * 3 * 3)
+
+
+def test_cpu_sdpa_counted_like_explicit_attention():
+    q, k, v = torch.randn(2, 4, 16, 8), torch.randn(2, 4, 24, 8), torch.randn(2, 4, 24, 8)
+    fused = count_flops(lambda: nn.functional.scaled_dot_product_attention(q, k, v))
+    explicit = count_flops(lambda: (q @ k.transpose(-1, -2) * 8**-0.5).softmax(-1) @ v)
+    assert fused == explicit == 2 * 2 * 4 * 16 * 24 * (8 + 8)
+    register_attention_formulas()  # idempotent
+    assert torch.ops.aten._scaled_dot_product_flash_attention_for_cpu in flop_counter.flop_registry
+
+
+def test_fake_mode_allocates_nothing():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    with mode:
+        layer = nn.Linear(100_000, 100_000, bias=False)  # 40 GB if it were real
+    flops = count_flops_fake(lambda: layer(torch.randn(8, 100_000)), mode=mode)
+    assert flops == 2 * 8 * 100_000 * 100_000
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    from harness.models import MODELS, load_pipeline
+
+    return load_pipeline(MODELS.get("tiny-sd"), "none", torch.float32, "cpu")
+
+
+def _call(pipe):
+    from harness.models import text_to_image_kwargs
+
+    return lambda: pipe(**text_to_image_kwargs(["a red circle"], 10, 5.0, 32,
+                                               [torch.Generator().manual_seed(0)]))
+
+
+def test_fake_equals_real_on_whole_tiny_sd_call(pipe):
+    reference = _call(pipe)().images
+    real = count_flops(_call(pipe))
+    fake = count_flops_fake(_call(pipe), pipe=pipe)
+    assert fake == real > 0
+    assert not {"step", "set_timesteps", "scale_model_input"} & set(pipe.scheduler.__dict__)
+    assert torch.equal(_call(pipe)().images, reference)
+
+
+def test_fake_under_the_step_context(pipe):
+    from harness.models import text_to_image_kwargs
+    from harness.steps import StepContext
+
+    ctx = StepContext()
+    kwargs = text_to_image_kwargs(["a red circle"], 10, 5.0, 32, [torch.Generator().manual_seed(0)])
+    fake = count_flops_fake(lambda: ctx.generate(pipe, **kwargs), pipe=pipe)
+    assert fake == count_flops(_call(pipe)) and ctx.step == 10
+    assert "step" not in pipe.scheduler.__dict__
+
+
+def test_fake_without_scheduler_patch_fails_on_timestep_branches(pipe):
+    from torch._subclasses.fake_tensor import DataDependentOutputException
+
+    with pytest.raises(DataDependentOutputException):
+        count_flops_fake(_call(pipe))
+
+
+def test_metric_and_helpers():
+    obs = [Observation(n_images=1, flops=10), Observation(n_images=3, flops=50),
+           Observation(n_images=1)]
+    whole, a, b = Flops(), Flops(), Flops()
+    for o in obs:
+        whole.update(o)
+    a.update(obs[0])
+    b.update(obs[1])
+    a.merge(b)
+    assert whole.compute() == a.compute() == {"flops_per_image": 15.0}
+    assert Flops().compute() == {"flops_per_image": None}
+    assert METRICS.get("flops") is Flops
+    assert achieved_tflops(3e12, 2.0) == 1.5
+    assert mfu(3e12, 2.0, 15.0) == pytest.approx(0.1)
