@@ -38,8 +38,26 @@ class MethodSpec:
         """Build and validate the method's frozen config from a parameter mapping."""
         return P.build(self.config_cls, params, owner=self.name)
 
-    def apply(self, pipe: Any, config: Any, ctx: StepContext) -> MethodHandle:
-        return sys.modules[self.module].apply(pipe, config, ctx)
+    @property
+    def prepares(self) -> bool:
+        """True for training methods: the module defines `prepare(pipe, config, data)`."""
+        return hasattr(sys.modules[self.module], "prepare")
+
+    def prepare(self, pipe: Any, config: Any, data: Any) -> dict[str, torch.Tensor]:
+        """Train or calibrate: the artifact (tensors) `apply` needs; see harness/prepare.py."""
+        return sys.modules[self.module].prepare(pipe, config, data)
+
+    def apply(self, pipe: Any, config: Any, ctx: StepContext,
+              artifacts: Mapping[str, Mapping[str, torch.Tensor]] | None = None) -> MethodHandle:
+        """Apply to `pipe`; a training method takes its prepared artifact from `artifacts`."""
+        module = sys.modules[self.module]
+        if not self.prepares:
+            return module.apply(pipe, config, ctx)
+        artifact = (artifacts or {}).get(self.name)
+        if artifact is None:
+            raise DiffbenchError(f"method '{self.name}' needs prepared weights; get them with "
+                                 "harness.prepare.prepare_artifacts (the runner does this)")
+        return module.apply(pipe, config, ctx, artifact)
 
     def fields(self) -> list[dataclasses.Field]:
         return list(dataclasses.fields(self.config_cls))
@@ -83,7 +101,9 @@ class MethodHandle:
 
     Changes go through `swap_attr` (attributes, including instance `forward` overrides,
     restored exactly, absence included) and `add_hook` (torch hook handles).
-    `call_kwargs` are pipeline-call arguments the method sets (e.g. the step count).
+    `call_kwargs` are pipeline-call arguments the method sets (e.g. the step count);
+    `report` holds values the method states about itself (bits, weight bytes), which become
+    leaderboard columns of the cell.
     """
 
     def __init__(self, pipe: Any, name: str, config: Any):
@@ -94,6 +114,7 @@ class MethodHandle:
         applied.add(name)
         self.pipe, self.name, self.config = pipe, name, config
         self.call_kwargs: dict[str, Any] = {}
+        self.report: dict[str, float | int | str] = {}  # leaderboard columns (e.g. weight_bits)
         self._undo: list[Callable[[], None]] = []
         self._removed = False
 

@@ -148,6 +148,18 @@ def phase_flops(run: CellRun, mode: str) -> Observation | None:
     return Observation(n_images=1, flops=int(flops), device=run.cell.device)
 
 
+def phase_prepare(cell: Cell, mspec: Any, pipe: Any, method_config: Any) -> dict[str, Any]:
+    """Weights of training methods: loaded from the artifact cache, or trained and cached."""
+    if not mspec.prepares:
+        return {}
+    from harness.prepare import ArtifactCache, PrepareData, prepare_artifacts
+
+    texts = tuple(load_prompts(cell.prompts).texts)
+    data = PrepareData(model=f"{cell.model}@{cell.weights}", prompts=texts, seed=cell.seed,
+                       device=cell.device)
+    return prepare_artifacts(mspec, pipe, method_config, data, ArtifactCache())
+
+
 def shard_batches(batches: list[Batch], n_shards: int) -> list[list[Batch]]:
     """Contiguous, balanced groups of whole batches: images do not depend on the shard count."""
     n = max(1, min(n_shards, len(batches)))
@@ -235,8 +247,11 @@ def measure_shard(cell: Cell, config: RunConfig, pipes: PipelineCache, store: Ce
     observations: list[Observation] = []
     pipe = pipes.get(spec, cell)
     ctx = StepContext()
-    with mspec.apply(pipe, mspec.config(json.loads(cell.params)), ctx) as handle:
+    method_config = mspec.config(json.loads(cell.params))
+    artifacts = phase_prepare(cell, mspec, pipe, method_config)
+    with mspec.apply(pipe, method_config, ctx, artifacts) as handle:
         run = CellRun(cell, spec, pipe, ctx, dict(handle.call_kwargs), batches)
+        report = dict(handle.report)
         images = phase_images(run) if batches else torch.zeros(0, dtype=torch.uint8)
         if shard == 0:
             observations += phase_timing(run, config.timing.repeats, config.timing.warmup)
@@ -248,7 +263,7 @@ def measure_shard(cell: Cell, config: RunConfig, pipes: PipelineCache, store: Ce
         observations.append(images_observation(cell, store, prompts, images, indices))
     states = metric_states(config.metrics, observations, metric_context(cell, config, store))
     return {"shard": shard, "images": images, "indices": indices, "states": states,
-            "effective_steps": run.effective_steps}
+            "effective_steps": run.effective_steps, "report": report}
 
 
 def finish_cell(cell: Cell, config: RunConfig, store: CellStore, env: dict[str, str],
@@ -259,6 +274,7 @@ def finish_cell(cell: Cell, config: RunConfig, store: CellStore, env: dict[str, 
     store.save_images(cell.key, images)
     context = metric_context(cell, config, store)
     columns = compute_metrics(config.metrics, [s["states"] for s in shards], context)
+    columns.update(shards[0].get("report", {}))
     columns.update(derived_columns(columns, env, cell.dtype))
     spec = MODELS.get(cell.model)
     random_weights = cell.weights == "none"

@@ -97,12 +97,17 @@ class StackSpec:
                                      f"(parameters: {known})")
         return self.config_cls(**{m.name: m.config(per[m.name]) for m in self.members})
 
-    def apply(self, pipe: Any, config: Any, ctx: StepContext) -> StackHandle:
+    @property
+    def prepares(self) -> bool:
+        return any(m.prepares for m in self.members)
+
+    def apply(self, pipe: Any, config: Any, ctx: StepContext,
+              artifacts: Mapping[str, Any] | None = None) -> StackHandle:
         """Apply members left to right; if one fails, the ones already applied are removed."""
         handles: list[MethodHandle] = []
         try:
             for m in self.members:
-                handles.append(m.apply(pipe, getattr(config, m.name), ctx))
+                handles.append(m.apply(pipe, getattr(config, m.name), ctx, artifacts))
         except BaseException:
             for h in reversed(handles):
                 h.remove()
@@ -116,6 +121,7 @@ class StackHandle:
     def __init__(self, name: str, handles: list[MethodHandle]):
         self.name, self.handles = name, handles
         self.call_kwargs: dict[str, Any] = {}
+        self.report: dict[str, Any] = {k: v for h in handles for k, v in h.report.items()}
         for h in handles:
             clash = set(self.call_kwargs) & set(h.call_kwargs)
             if clash:

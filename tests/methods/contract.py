@@ -9,6 +9,7 @@ import torch
 
 from harness.errors import DiffbenchError
 from harness.generate import call_kwargs, generate, image_seed
+from harness.prepare import ArtifactCache, PrepareData, prepare_artifacts
 from harness.stack import resolve_method
 from harness.steps import StepContext
 
@@ -51,6 +52,9 @@ def assert_same_state(a: dict, b: dict) -> None:
             assert a[key] == b[key], f"{key} changed: {a[key]} != {b[key]}"
 
 
+_ARTIFACT_CACHES: dict[str, ArtifactCache] = {}
+
+
 class MethodContract:
     """Inherit and set `method`, `identity_params` (bit-identical to baseline, or None when the
     method has no identity setting) and `active_params` (a setting that changes the output)."""
@@ -64,8 +68,27 @@ class MethodContract:
         return run(tiny_pipe, tiny_spec, None, PROMPTS[:2])
 
     def apply(self, pipe: Any, params: dict | None, ctx: StepContext | None = None) -> Any:
+        """Apply the method; a training method is prepared first (in-memory cache per class)."""
         spec = resolve_method(self.method)
-        return spec.apply(pipe, spec.config(params), ctx or StepContext())
+        config = spec.config(params)
+        return spec.apply(pipe, config, ctx or StepContext(), self.artifacts(pipe, spec, config))
+
+    def artifacts(self, pipe: Any, spec: Any, config: Any) -> dict | None:
+        if not spec.prepares:
+            return None
+        cache = _ARTIFACT_CACHES.setdefault(type(self).__qualname__, ArtifactCache(None))
+        data = PrepareData(model="tiny-sd@none", prompts=tuple(PROMPTS), log=lambda _: None)
+        return prepare_artifacts(spec, pipe, config, data, cache)
+
+    def test_prepare_leaves_pipeline_unchanged(self, tiny_pipe):
+        spec = resolve_method(self.method)
+        if not spec.prepares:
+            pytest.skip("method trains nothing")
+        before = state_fingerprint(tiny_pipe)
+        data = PrepareData(model="tiny-sd@none", prompts=tuple(PROMPTS), log=lambda _: None)
+        artifact = spec.prepare(tiny_pipe, spec.config(self.active_params), data)
+        assert artifact and all(isinstance(t, torch.Tensor) for t in artifact.values())
+        assert_same_state(before, state_fingerprint(tiny_pipe))
 
     def test_registered_with_documented_fields(self) -> None:
         spec = resolve_method(self.method)

@@ -1,0 +1,128 @@
+"""Prepared artifacts: weights a method trains or calibrates before it is applied (DESIGN.md).
+
+A method module that defines `prepare(pipe, config, data) -> dict[str, Tensor]` is a *training*
+method: the runner calls `prepare` once per (model, weights, method, config), stores the returned
+tensors as safetensors keyed by that hash, and hands them to `apply(pipe, config, ctx, artifact)`.
+Re-runs (and other shards, other cells with the same config) load the file instead of training.
+`prepare` must leave the pipeline exactly as it found it (train copies); the contract tests check.
+The training budget (steps, learning rate) is part of the method's config, so it is in the hash.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from harness import params as P
+from harness.errors import DiffbenchError
+
+CACHE_ENV = "DIFFBENCH_CACHE"
+ARTIFACT_FORMAT = 1  # bump when a stored artifact's meaning changes
+
+
+def _print(message: str) -> None:
+    print(message, flush=True)
+
+
+@dataclass(frozen=True)
+class PrepareData:
+    """What a prepare step may use: the model's identity, training prompts, seed, device, log."""
+
+    model: str  # model name and weights source, e.g. "mini-sd@embedded"
+    prompts: tuple[str, ...]  # training prompts (the model's default prompt set)
+    seed: int = 0
+    device: str = "cpu"
+    log: Callable[[str], None] = field(default=_print, compare=False)
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "diffbench") / "prepared"
+
+
+def artifact_key(model: str, method: str, config: Any) -> str:
+    """Hash of everything the artifact depends on: model, method, full config, format."""
+    return P.short_hash({"model": model, "method": method, "config": P.as_dict(config),
+                         "format": ARTIFACT_FORMAT})
+
+
+class ArtifactCache:
+    """Artifacts as `<method>-<key>.safetensors` + `.json` (meta) under one folder; atomic writes.
+
+    `root=None` keeps them in memory only (tests)."""
+
+    def __init__(self, root: str | Path | None = "default"):
+        self.root = cache_dir() if root == "default" else (Path(root) if root else None)
+        self._memory: dict[str, dict[str, torch.Tensor]] = {}
+
+    def path(self, method: str, key: str) -> Path:
+        assert self.root is not None
+        return self.root / f"{method}-{key}.safetensors"
+
+    def load(self, method: str, key: str) -> dict[str, torch.Tensor] | None:
+        if self.root is None:
+            return self._memory.get(f"{method}-{key}")
+        path = self.path(method, key)
+        if not path.exists():
+            return None
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except Exception as exc:  # noqa: BLE001 - a broken file is retrained, never trusted
+            print(f"diffbench: ignoring unreadable prepared weights {path} ({exc}); retraining",
+                  flush=True)
+            return None
+
+    def save(self, method: str, key: str, tensors: Mapping[str, torch.Tensor],
+             meta: Mapping[str, Any]) -> None:
+        tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+        if self.root is None:
+            self._memory[f"{method}-{key}"] = tensors
+            return
+        from safetensors.torch import save_file
+
+        path = self.path(method, key)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".safetensors")
+            os.close(fd)
+            save_file(tensors, tmp, metadata={"method": method, "key": key})
+            os.replace(tmp, path)
+            path.with_suffix(".json").write_text(json.dumps(dict(meta), indent=1, default=str))
+        except OSError as exc:
+            raise DiffbenchError(f"cannot write prepared weights to {path.parent}: {exc} "
+                                 f"(set {CACHE_ENV} to a writable folder)") from exc
+
+
+def prepare_artifacts(spec: Any, pipe: Any, config: Any, data: PrepareData,
+                      cache: ArtifactCache) -> dict[str, dict[str, torch.Tensor]]:
+    """Artifacts of every training member of a method or stack, by member name; cached."""
+    members = getattr(spec, "members", (spec,))
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    for member in members:
+        if not member.prepares:
+            continue
+        member_config = getattr(config, member.name) if len(members) > 1 else config
+        key = artifact_key(data.model, member.name, member_config)
+        tensors = cache.load(member.name, key)
+        if tensors is None:
+            data.log(f"[prepare] {member.name} {key}: training (cached for later runs)")
+            start = time.perf_counter()
+            tensors = member.prepare(pipe, member_config, data)
+            seconds = time.perf_counter() - start
+            if not tensors:
+                raise DiffbenchError(f"method '{member.name}': prepare returned no weights")
+            cache.save(member.name, key, tensors, {
+                "method": member.name, "model": data.model, "config": P.as_dict(member_config),
+                "seconds": round(seconds, 2), "created": time.strftime("%Y-%m-%dT%H:%M:%S")})
+            data.log(f"[prepare] {member.name} {key}: done in {seconds:.1f} s")
+        out[member.name] = tensors
+    return out
