@@ -40,6 +40,8 @@ def _run_parser(sub: Any) -> None:
                         "as Ray tasks, one GPU each (cluster from RAY_ADDRESS, else local Ray)")
     p.add_argument("--shards", type=int, default=1,
                    help="split each cell's prompts into this many shards (default 1)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="ray backend, local Ray only: CPU workers to start (default: all cores)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -52,6 +54,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     score.add_parser(sub)
     report.add_parser(sub)
+    from harness import train_mini
+
+    train_mini.add_arguments(sub.add_parser(
+        "train-mini", help="train the embedded mini-sd (CLIP, VAE, UNet) from a seed, resumable"))
     p = sub.add_parser("list", help="list registered methods, metrics, models or prompt sets")
     p.add_argument("what", choices=("methods", "metrics", "models", "prompts"))
     p = sub.add_parser("leaderboard", help="rebuild the CSV leaderboard from cell JSON files")
@@ -77,6 +83,13 @@ def _version() -> str:
 def cmd_run(args: argparse.Namespace) -> int:
     from harness import config, params, runner
 
+    if not 1 <= args.shards <= 4096:
+        raise DiffbenchError(f"--shards={args.shards} is out of range; allowed [1, 4096]")
+    if args.workers is not None and not 1 <= args.workers <= 4096:
+        raise DiffbenchError(f"--workers={args.workers} is out of range; allowed [1, 4096]")
+    if args.workers is not None and args.backend != "ray":
+        raise DiffbenchError("--workers needs --backend ray (the local backend runs one cell "
+                             "at a time in this process)")
     overrides: dict[str, Any] = {}
     for flag in SETTING_FLAGS:
         value = getattr(args, flag, None)
@@ -99,10 +112,8 @@ def cmd_run(args: argparse.Namespace) -> int:
                                          timing=params.build(config.Timing, timing, "timing"))
     out = Path(args.out or Path("diffbench-runs") / run_config.name)
     print(f"diffbench: {len(run_config.cells)} cells -> {out}", file=sys.stderr)
-    if not 1 <= args.shards <= 4096:
-        raise DiffbenchError(f"--shards={args.shards} is out of range; allowed [1, 4096]")
     csv_path = runner.run(run_config, out, progress=not args.no_progress, backend=args.backend,
-                          shards=args.shards)
+                          shards=args.shards, workers=args.workers)
     print(_summary(csv_path))
     print(f"leaderboard: {csv_path}")
     return 0
@@ -184,7 +195,13 @@ def cmd_report(args: argparse.Namespace) -> int:
     return report.run(args)
 
 
-COMMANDS = {"run": cmd_run, "list": cmd_list, "leaderboard": cmd_leaderboard,
+def cmd_train_mini(args: argparse.Namespace) -> int:
+    from harness import train_mini
+
+    return train_mini.run(args)
+
+
+COMMANDS = {"train-mini": cmd_train_mini, "run": cmd_run, "list": cmd_list, "leaderboard": cmd_leaderboard,
             "compare": cmd_compare, "score": cmd_score, "report": cmd_report}
 
 

@@ -54,11 +54,12 @@ def init_ray(num_cpus: int | None = None) -> Any:
 
 
 def run_ray(cells: list[Cell], config: RunConfig, store: CellStore, n_shards: int,
-            written: Callable[[dict[str, Any]], None], progress: bool = True) -> None:
+            written: Callable[[dict[str, Any]], None], progress: bool = True,
+            workers: int | None = None) -> None:
     """Submit every shard, baselines in a first wave; write each cell once its shards are in."""
     from harness import runner
 
-    ray = init_ray()
+    ray = init_ray(workers)
     remote = ray.remote(shard_task)
     waves = [[c for c in cells if c.method == "baseline"],
              [c for c in cells if c.method != "baseline"]]

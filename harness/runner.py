@@ -332,11 +332,12 @@ def pending_cells(config: RunConfig, store: CellStore) -> list[Cell]:
 
 
 def run(config: RunConfig, out_dir: str | Path, progress: bool = True, backend: str = "local",
-        shards: int = 1) -> Path:
+        shards: int = 1, workers: int | None = None) -> Path:
     """Run every unfinished cell of the grid, then rebuild the CSV leaderboard; its path.
 
     backend "local": cells one after another in this process; "ray": cells and prompt shards
-    as Ray tasks (harness.distributed). `shards` splits each cell's prompts.
+    as Ray tasks (harness.distributed), `workers` CPUs for a local Ray. `shards` splits each
+    cell's prompts.
     """
     store = CellStore(out_dir)
     csv_path = store.out_dir / "leaderboard.csv"
@@ -350,7 +351,7 @@ def run(config: RunConfig, out_dir: str | Path, progress: bool = True, backend: 
         if backend == "ray":
             from harness.distributed import run_ray
 
-            run_ray(todo, config, store, shards, written, progress)
+            run_ray(todo, config, store, shards, written, progress, workers)
         elif backend == "local":
             pipes, env_of = PipelineCache(), _environments()
             bar = _progress(todo, progress)

@@ -52,3 +52,15 @@ def test_run_leaderboard_and_compare(tmp_path, capsys):
     assert main(["compare", str(csv), str(csv), "--tol", "latency_s=lower:-2"]) == 1
     assert "REGRESSION" in capsys.readouterr().out
     assert main(["compare", str(tmp_path / "nope.csv"), str(csv)]) == 2
+
+
+def test_workers_need_the_ray_backend(capsys):
+    assert main(["run", "--method", "baseline", "--workers", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "--workers needs --backend ray" in err and err.count("\n") == 1
+
+
+def test_train_mini_is_a_subcommand(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["train-mini", "--help"])
+    assert exit_.value.code == 0 and "--unet-steps" in capsys.readouterr().out
