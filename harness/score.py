@@ -16,7 +16,8 @@ from typing import Any
 QUALITY_METRICS = ("fid", "fd_clip", "clip_score", "nsfw", "concept", "fidelity")
 
 
-def score_record(record: dict[str, Any], store: Any, metrics: Sequence[str]) -> dict[str, Any]:
+def score_record(record: dict[str, Any], store: Any, metrics: Sequence[str],
+                 options: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
     """The record with the quality columns of `metrics` recomputed from its cached images."""
     import torch
 
@@ -31,7 +32,7 @@ def score_record(record: dict[str, Any], store: Any, metrics: Sequence[str]) -> 
     images = torch.from_numpy(store.load_images(record["key"]))
     prompts = load_prompts(cell.prompts, cell.n_images)
     obs = images_observation(cell, store, prompts, images, list(range(len(images))))
-    context = MetricContext(cell=cell, spec=spec, store=store)
+    context = MetricContext(cell=cell, spec=spec, store=store, options=options or {})
     columns = compute_metrics(tuple(metrics), [metric_states(tuple(metrics), [obs], context)],
                               context)
     return {**record, "metrics": {**record.get("metrics", {}), **columns}}
