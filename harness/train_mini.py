@@ -35,9 +35,9 @@ REPO = Path(__file__).resolve().parent.parent
 DEFAULT_WORK = REPO / ".mini-work"
 STAGES = ("clip", "vae", "unet", "clip-tune", "assemble")
 DEFAULTS = dict(clip_steps=800, clip_batch=256, clip_lr=1e-3,
-                clip_tune_steps=3500, clip_tune_lr=1e-3,
+                clip_tune_steps=2500, clip_tune_lr=1e-3,
                 vae_steps=2200, vae_batch=64, vae_lr=1e-3,
-                unet_steps=7000, unet_batch=128, unet_lr=5e-4,
+                unet_steps=7500, unet_batch=128, unet_lr=5e-4,
                 pool=160_000, ema=0.999, cfg_drop=0.1, kl_weight=1e-6)
 
 
