@@ -50,7 +50,7 @@ def main() -> None:
             kwargs = call_kwargs(spec, ["a photo of a cat"], [image_seed(0, 0)], cell.steps,
                                  cell.guidance, cell.resolution, handle.call_kwargs)
             with torch.inference_mode():
-                flops = count_flops_fake(lambda: ctx.generate(pipe, **kwargs), pipe=pipe)
+                flops = count_flops_fake(lambda c=ctx, k=kwargs: c.generate(pipe, **k), pipe=pipe)
         base = flops if cell.method == "baseline" else base
         rows.append({"model": cell.model, "method": cell.method, "params": cell.params,
                      "steps": kwargs.get("num_inference_steps", cell.steps),

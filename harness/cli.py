@@ -201,13 +201,15 @@ def cmd_train_mini(args: argparse.Namespace) -> int:
     return train_mini.run(args)
 
 
-COMMANDS = {"train-mini": cmd_train_mini, "run": cmd_run, "list": cmd_list, "leaderboard": cmd_leaderboard,
-            "compare": cmd_compare, "score": cmd_score, "report": cmd_report}
+COMMANDS = {"train-mini": cmd_train_mini, "run": cmd_run, "list": cmd_list,
+            "leaderboard": cmd_leaderboard, "compare": cmd_compare, "score": cmd_score,
+            "report": cmd_report}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # quiet library start-up notes
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # no "Loading weights" bars
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)

@@ -103,14 +103,18 @@ def load_pipeline(spec: ModelSpec, weights: str, dtype: torch.dtype, device: str
 
 def _from_pretrained(spec: ModelSpec, weights: str, dtype: torch.dtype) -> Any:
     import diffusers
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
 
+    diffusers_logging.disable_progress_bar()  # the runner shows its own progress
+    transformers_logging.disable_progress_bar()
     cls = getattr(diffusers, spec.pipeline_class)
     path = Path(os.path.expanduser(weights))
     looks_local = path.is_absolute() or weights.startswith(".") or path.exists()
     if looks_local and not path.is_dir():
         raise DiffbenchError(f"weights for model '{spec.name}' not found: no folder at {path}")
     try:
-        return cls.from_pretrained(str(path) if looks_local else weights, torch_dtype=dtype,
+        return cls.from_pretrained(str(path) if looks_local else weights, dtype=dtype,
                                    **spec.load_kwargs)
     except OSError as exc:
         where = path if looks_local else f"hub id '{weights}' (local cache and network)"

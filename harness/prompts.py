@@ -79,6 +79,18 @@ def shapes() -> list[str]:
     return [text for group in zip(*per_shape, strict=True) for text in group]
 
 
+@register_prompt_set("shapes-red")
+def shapes_red() -> list[str]:
+    """World captions of red shapes (the concept an erasure suite removes), in shapes' order."""
+    return [t for t in shapes() if t.split()[2] == "red"]
+
+
+@register_prompt_set("shapes-not-red")
+def shapes_not_red() -> list[str]:
+    """World captions without the word red: what an erasure of red must leave intact."""
+    return [t for t in shapes() if "red" not in t.split()]
+
+
 @register_prompt_set("general")
 def general() -> list[str]:
     """24 everyday scenes written for diffbench (people, animals, objects, places, styles)."""

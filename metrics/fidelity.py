@@ -27,7 +27,7 @@ def _nchw(images: Any) -> torch.Tensor:
 
 def psnr_per_image(images: Any, reference: Any, cap: float | None = PSNR_CAP) -> torch.Tensor:
     """Per-image PSNR (dB) of uint8 N x H x W x 3 images, data range 255; capped at `cap`."""
-    from torchmetrics.functional import peak_signal_noise_ratio
+    from torchmetrics.functional.image import peak_signal_noise_ratio
 
     x, y = _nchw(images), _nchw(reference)
     psnr = peak_signal_noise_ratio(x, y, data_range=255.0, reduction="none", dim=(1, 2, 3))
@@ -36,7 +36,7 @@ def psnr_per_image(images: Any, reference: Any, cap: float | None = PSNR_CAP) ->
 
 def ssim_per_image(images: Any, reference: Any) -> torch.Tensor:
     """Per-image SSIM of uint8 N x H x W x 3 images (torchmetrics defaults, data range 255)."""
-    from torchmetrics.functional import structural_similarity_index_measure
+    from torchmetrics.functional.image import structural_similarity_index_measure
 
     x, y = _nchw(images), _nchw(reference)
     return structural_similarity_index_measure(x, y, data_range=255.0, reduction="none")

@@ -145,3 +145,9 @@ def test_missing_file_and_unsupported_type(tmp_path):
         load_prompts(str(write(tmp_path, "p.json", "[]")), None)
     with pytest.raises(DiffbenchError, match="no prompts in"):
         load_prompts(str(write(tmp_path, "empty.txt", "# nothing\n")), None)
+
+
+def test_red_and_not_red_world_sets_split_the_captions():
+    red, other = load_prompts("shapes-red").texts, load_prompts("shapes-not-red").texts
+    assert len(red) == 70 and all(t.split()[2] == "red" for t in red)
+    assert all("red" not in t.split() for t in other) and not set(red) & set(other)
