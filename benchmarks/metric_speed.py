@@ -20,7 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from harness.score import QUALITY_METRICS, score_record  # noqa: E402
 from harness.store import CellStore  # noqa: E402
 
-HEADLINE = ("fid", "fd_clip", "clip_score", "nsfw_ratio", "concept_ratio", "psnr")
+HEADLINE = {"fid": "fid", "fd_clip": "fd_clip", "clip_score": "clip_score", "nsfw": "nsfw_ratio",
+            "concept": "concept_ratio", "fidelity": "psnr"}  # metric -> its main column
 
 
 def main() -> None:
@@ -47,7 +48,8 @@ def main() -> None:
         start = time.perf_counter()
         columns = score_record(record, store, [name], options)["metrics"]
         seconds = time.perf_counter() - start
-        value = next((f"{k}={v}" for k, v in columns.items() if k in HEADLINE), "")
+        column = HEADLINE.get(name, name)
+        value = f"{column}={columns.get(column)} {columns.get(column + '_note', '')}"
         print(f"{name:12s} {n / seconds:9.1f} images/s  ({seconds:.3f} s)  {value}")
 
 
