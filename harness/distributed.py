@@ -22,12 +22,20 @@ _PIPES: Any = None  # per worker process: the last pipeline built (harness.runne
 
 
 def shard_task(cell: Cell, config: RunConfig, out_dir: str, shard: int,
-               n_shards: int) -> dict[str, Any]:
-    """Body of one Ray task: the shard's images and metric states, the worker's environment."""
+               n_shards: int, threads: int | None = None) -> dict[str, Any]:
+    """Body of one Ray task: the shard's images and metric states, the worker's environment.
+
+    `threads`: torch intra-op threads, the driver's count, so CPU kernels reduce in the same
+    order as in a local run and the images are bit-identical (Ray gives a CPU task 1 thread).
+    """
     global _PIPES
+    import torch
+
     from harness import runner
     from harness.devices import environment
 
+    if threads and not cell.device.startswith("cuda"):
+        torch.set_num_threads(threads)
     if _PIPES is None:
         _PIPES = runner.PipelineCache()
     try:
@@ -59,8 +67,11 @@ def run_ray(cells: list[Cell], config: RunConfig, store: CellStore, n_shards: in
     """Submit every shard, baselines in a first wave; write each cell once its shards are in."""
     from harness import runner
 
+    import torch
+
     ray = init_ray(workers)
     remote = ray.remote(shard_task)
+    threads = torch.get_num_threads()
     waves = [[c for c in cells if c.method == "baseline"],
              [c for c in cells if c.method != "baseline"]]
     for wave in waves:
@@ -69,7 +80,7 @@ def run_ray(cells: list[Cell], config: RunConfig, store: CellStore, n_shards: in
             gpus = 1 if cell.device.startswith("cuda") else 0
             for k in range(n_shards):
                 ref = remote.options(num_gpus=gpus, num_cpus=0 if gpus else 1).remote(
-                    cell, config, str(store.out_dir), k, n_shards)
+                    cell, config, str(store.out_dir), k, n_shards, threads)
                 pending[ref] = (cell, k)
         results: dict[str, list[dict[str, Any]]] = {}
         while pending:
