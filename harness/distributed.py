@@ -65,9 +65,9 @@ def run_ray(cells: list[Cell], config: RunConfig, store: CellStore, n_shards: in
             written: Callable[[dict[str, Any]], None], progress: bool = True,
             workers: int | None = None) -> None:
     """Submit every shard, baselines in a first wave; write each cell once its shards are in."""
-    from harness import runner
-
     import torch
+
+    from harness import runner
 
     ray = init_ray(workers)
     remote = ray.remote(shard_task)

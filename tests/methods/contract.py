@@ -26,6 +26,24 @@ def run(pipe: Any, spec: Any, handle: Any, prompts: list[str], first_index: int 
     return generate(pipe, ctx, call_kwargs(spec, prompts, seeds, steps, 5.0, 32, overrides))
 
 
+def prepare_method(pipe: Any, name: str, params: dict | None, log: Any = None) -> tuple:
+    """(config, artifact) of a training method prepared on the tiny pipeline, no cache."""
+    spec = resolve_method(name)
+    config = spec.config(params)
+    data = PrepareData(model="tiny-sd@none", prompts=tuple(PROMPTS),
+                       log=log if log is not None else (lambda _: None))
+    return config, spec.prepare(pipe, config, data)
+
+
+def changed_while_applied(pipe: Any, name: str, params: dict | None) -> set[str]:
+    """Names of the UNet parameters that differ from the original while the method is applied."""
+    before = {k: v.clone() for k, v in pipe.unet.named_parameters()}
+    config, artifact = prepare_method(pipe, name, params)
+    with resolve_method(name).apply(pipe, config, StepContext(), {name: artifact}):
+        now = dict(pipe.unet.named_parameters())
+        return {k for k, v in before.items() if not torch.equal(v, now[k])}
+
+
 def state_fingerprint(pipe: Any) -> dict:
     """Everything a method could leave behind: parameters, hooks, instance attributes."""
     out = {"scheduler": id(pipe.scheduler)}

@@ -7,29 +7,23 @@ from harness.errors import DiffbenchError
 from harness.finetune import trainable_copy
 from harness.method import METHODS
 from harness.prepare import PrepareData
-from harness.steps import StepContext
 from methods import erasure_losses as E
 from methods.esd import esd_batch, selector
-from tests.methods.contract import PROMPTS, MethodContract
+from tests.methods.contract import (
+    MethodContract,
+    changed_while_applied,
+    prepare_method,
+)
 
 TINY = {"steps": 2, "sample_steps": 3, "lr": 1e-3}
 
 
 def prepare(pipe, params, log=None):
-    spec = METHODS.get("esd")
-    config = spec.config(params)
-    data = PrepareData(model="tiny-sd@none", prompts=tuple(PROMPTS),
-                       log=log if log is not None else (lambda _: None))
-    return config, spec.prepare(pipe, config, data)
+    return prepare_method(pipe, "esd", params, log)
 
 
 def changed_after_apply(pipe, params) -> set[str]:
-    """Names of the UNet parameters that differ from the original while ESD is applied."""
-    before = {k: v.clone() for k, v in pipe.unet.named_parameters()}
-    config, artifact = prepare(pipe, params)
-    with METHODS.get("esd").apply(pipe, config, StepContext(), {"esd": artifact}):
-        now = dict(pipe.unet.named_parameters())
-        return {k for k, v in before.items() if not torch.equal(v, now[k])}
+    return changed_while_applied(pipe, "esd", params)
 
 
 class TestESD(MethodContract):

@@ -7,29 +7,23 @@ from harness.errors import DiffbenchError
 from harness.finetune import EMA, trainable_copy
 from harness.method import METHODS
 from harness.prepare import PrepareData
-from harness.steps import StepContext
 from methods import erasure_losses as E
 from methods.sdd import sdd_batch
-from tests.methods.contract import PROMPTS, MethodContract
+from tests.methods.contract import (
+    MethodContract,
+    changed_while_applied,
+    prepare_method,
+)
 
 TINY = {"steps": 2, "sample_steps": 3, "lr": 1e-2, "ema_decay": 0.5}
 
 
 def prepare(pipe, params, log=None):
-    spec = METHODS.get("sdd")
-    config = spec.config(params)
-    data = PrepareData(model="tiny-sd@none", prompts=tuple(PROMPTS),
-                       log=log if log is not None else (lambda _: None))
-    return config, spec.prepare(pipe, config, data)
+    return prepare_method(pipe, "sdd", params, log)
 
 
 def changed_after_apply(pipe, params) -> set[str]:
-    """Names of the UNet parameters that differ from the original while SDD is applied."""
-    before = {k: v.clone() for k, v in pipe.unet.named_parameters()}
-    config, artifact = prepare(pipe, params)
-    with METHODS.get("sdd").apply(pipe, config, StepContext(), {"sdd": artifact}):
-        now = dict(pipe.unet.named_parameters())
-        return {k for k, v in before.items() if not torch.equal(v, now[k])}
+    return changed_while_applied(pipe, "sdd", params)
 
 
 class TestSDD(MethodContract):
