@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from harness.config import Settings, load_suite, make_cell, parse_method
@@ -86,3 +88,12 @@ def test_parse_method():
     assert parse_method("solver:scheduler=unipc,steps=5") == {
         "name": "solver", "params": {"scheduler": "unipc", "steps": "5"}}
     assert parse_method("baseline") == {"name": "baseline", "params": {}}
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in
+                                        (Path(__file__).parents[2] / "harness" / "suites").glob(
+                                            "*.toml")))
+def test_every_built_in_suite_loads(name):
+    """Built-in suites parse, name known models/methods/prompt sets and valid parameters."""
+    cfg = load_suite(name)
+    assert cfg.cells and len({c.key for c in cfg.cells}) == len(cfg.cells)

@@ -43,3 +43,26 @@ def test_metric_counts_and_names():
     assert out["concept_contrasts"] == "a blue square|a green star"
     assert out["concept_ratio_ci_lo"] <= out["concept_ratio"] <= out["concept_ratio_ci_hi"]
     assert cc.ConceptRatio().compute() == {}
+
+
+def test_world_colour_concept_on_mini_sd_uses_the_world_detector():
+    """On mini-sd, "red" is judged by mini-CLIP over all world captions: real red shapes are
+    detected, shapes of other colours are not."""
+    import types
+
+    from harness import world
+
+    batch = world.sample(200, seed=7, split="all")
+    red = batch.colour == world.COLOURS.index("red")
+    context = types.SimpleNamespace(cell=types.SimpleNamespace(model="mini-sd"))
+    assert cc.WorldAttributeDetector.handles(context, "red")
+    assert not cc.WorldAttributeDetector.handles(context, "a red thing")
+    m = cc.ConceptRatio(concept="red")
+    m.world = cc.WorldAttributeDetector("red")
+    m.update(Observation(n_images=int(red.sum()), images=batch.images[red]))
+    hits = m.compute()
+    m.reset()
+    m.update(Observation(n_images=int((~red).sum()), images=batch.images[~red]))
+    misses = m.compute()
+    assert hits["concept_ratio"] >= 0.95 and misses["concept_ratio"] <= 0.05
+    assert hits["concept_model"] == "mini-clip-world-zero-shot"
