@@ -158,7 +158,8 @@ def test_one_qat_step_lowers_loss_and_trains_only_quantisers(tiny_pipe, train_we
     before = {k: v.detach().clone() for k, v in student.unet.named_parameters()}
     steps_before = {k: v.detach().clone() for k, v in student.w_steps.items()}
     a_before = a_step.detach().clone()
-    optimizer = lsq_optimizer([a_step, *student.parameters()], 1e-4)  # small: descends at 1 and 2 threads
+    # a small lr: one STE step then descends at 1 and at 2 torch threads
+    optimizer = lsq_optimizer([a_step, *student.parameters()], 1e-4)
     first = loss()
     optimizer.zero_grad()
     first.backward()
