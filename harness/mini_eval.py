@@ -42,7 +42,7 @@ class ZeroShot:
         self.attr = {name: torch.tensor([combo[i] for combo in combos])
                      for i, name in enumerate(ATTRIBUTES)}
         self.text = text_embeddings(model, tokenizer, self.captions)
-        self.scale = float(model.logit_scale.exp().clamp(max=100))
+        self.scale = float(model.logit_scale.detach().exp().clamp(max=100))
 
     @classmethod
     def load(cls) -> ZeroShot:
