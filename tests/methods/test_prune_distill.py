@@ -14,6 +14,7 @@ from methods.prune_distill import (
     training_plan,
 )
 from tests.methods.contract import PROMPTS, MethodContract, run
+from tests.methods.dit_fixtures import count_calls
 
 TINY = {"steps": 2, "batch_size": 2, "data_size": 2, "data_steps": 1}
 REMOVE = ("down_blocks.0.0", "mid_block", "up_blocks.1.1")
@@ -177,22 +178,12 @@ def test_removed_blocks_are_not_executed_in_generation(tiny_pipe, tiny_spec):
               "up": unet.up_blocks[1].resnets[1].conv1,
               "up_attn": unet.up_blocks[1].attentions[1].proj_in,
               "kept": unet.up_blocks[1].resnets[0].conv1}
-    counts = dict.fromkeys(probes, 0)
-
-    def counter(name):
-        def hook(*_):
-            counts[name] += 1
-        return hook
-
     contract = TestPruneDistill()
     ctx = StepContext()
-    with contract.apply(tiny_pipe, contract.active_params, ctx) as handle:
-        hooks = [m.register_forward_hook(counter(n)) for n, m in probes.items()]
-        try:
-            run(tiny_pipe, tiny_spec, handle, PROMPTS[:1], ctx=ctx, steps=4)
-        finally:
-            for h in hooks:
-                h.remove()
+    with contract.apply(tiny_pipe, contract.active_params, ctx) as handle, \
+            count_calls(probes) as counts:
+        run(tiny_pipe, tiny_spec, handle, PROMPTS[:1], ctx=ctx, steps=4)
+    counts = {name: counts[name] for name in probes}
     assert counts == {"mid": 0, "down": 0, "down_attn": 0, "up": 0, "up_attn": 0, "kept": 4}
 
 

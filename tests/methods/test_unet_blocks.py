@@ -5,6 +5,7 @@ import torch
 
 from harness.errors import DiffbenchError
 from methods import unet_blocks as ub
+from tests.methods.dit_fixtures import count_calls
 
 UNITS = ["down_blocks.0.0", "mid_block", "up_blocks.0.0", "up_blocks.0.1", "up_blocks.1.1"]
 
@@ -59,19 +60,11 @@ def test_skipped_units_are_not_executed(unet):
               "up": unet.up_blocks[1].resnets[1].conv1,
               "up_attn": unet.up_blocks[1].attentions[1].proj_in,
               "kept": unet.up_blocks[1].resnets[0].conv1}
-    counts = dict.fromkeys(probes, 0)
-
-    def counter(name):
-        def hook(*_):
-            counts[name] += 1
-        return hook
-
-    hooks = [m.register_forward_hook(counter(n)) for n, m in probes.items()]
-    ub.skip_units(setattr, ub.select_units(unet, ["down_blocks.0.0", "mid_block",
-                                                  "up_blocks.1.1"], "test"))
-    _run(unet, _inputs())
-    for h in hooks:
-        h.remove()
+    with count_calls(probes) as counts:
+        ub.skip_units(setattr, ub.select_units(unet, ["down_blocks.0.0", "mid_block",
+                                                      "up_blocks.1.1"], "test"))
+        _run(unet, _inputs())
+    counts = {name: counts[name] for name in probes}
     assert counts == {"down": 0, "down_attn": 0, "mid": 0, "up": 0, "up_attn": 0, "kept": 1}
 
 
