@@ -28,12 +28,13 @@ FORMATS: dict[str, str] = {
     "concept_ratio": "{:.4f}", "concept_ratio_ci_lo": "{:.4f}", "concept_ratio_ci_hi": "{:.4f}",
     "psnr": "{:.4f}", "psnr_ci_lo": "{:.4f}", "psnr_ci_hi": "{:.4f}", "psnr_identical": "{:d}",
     "ssim": "{:.6f}", "ssim_ci_lo": "{:.6f}", "ssim_ci_hi": "{:.6f}", "nsfw_threshold": "{:.2f}",
+    "train_s": "{:.1f}",
 }
 TRAILER = ("images_sha", "status", "error", "note")
 # Columns that vary from run to run on the same machine (everything else must be identical).
 MEASURED = ("latency_s", "latency_min_s", "latency_max_s", "images_per_s", "speedup",
             "t_text_encoder_s", "t_denoise_s", "t_decode_s", "peak_mem_mb", "tflops_achieved",
-            "mfu")
+            "mfu", "train_s")
 
 
 def fmt(column: str, value: Any) -> str:

@@ -5,7 +5,8 @@ method: the runner calls `prepare` once per (model, weights, method, config), st
 tensors as safetensors keyed by that hash, and hands them to `apply(pipe, config, ctx, artifact)`.
 Re-runs (and other shards, other cells with the same config) load the file instead of training.
 `prepare` must leave the pipeline exactly as it found it (train copies); the contract tests check.
-The training budget (steps, learning rate) is part of the method's config, so it is in the hash.
+The training budget (steps, learning rate) is part of the method's config, so it is in the hash;
+so are the training prompts (the cell's prompt set) and the seed.
 """
 
 from __future__ import annotations
@@ -47,9 +48,11 @@ def cache_dir() -> Path:
     return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "diffbench") / "prepared"
 
 
-def artifact_key(model: str, method: str, config: Any) -> str:
-    """Hash of everything the artifact depends on: model, method, full config, format."""
-    return P.short_hash({"model": model, "method": method, "config": P.as_dict(config),
+def artifact_key(data: PrepareData, method: str, config: Any) -> str:
+    """Hash of everything the artifact depends on: model, training prompts and seed, method, full
+    config, format. (Not the device: weights trained on one device are reused on another.)"""
+    return P.short_hash({"model": data.model, "prompts": P.short_hash(list(data.prompts)),
+                         "seed": data.seed, "method": method, "config": P.as_dict(config),
                          "format": ARTIFACT_FORMAT})
 
 
@@ -61,6 +64,7 @@ class ArtifactCache:
     def __init__(self, root: str | Path | None = "default"):
         self.root = cache_dir() if root == "default" else (Path(root) if root else None)
         self._memory: dict[str, dict[str, torch.Tensor]] = {}
+        self._meta: dict[str, dict[str, Any]] = {}
 
     def path(self, method: str, key: str) -> Path:
         assert self.root is not None
@@ -81,11 +85,21 @@ class ArtifactCache:
                   flush=True)
             return None
 
+    def meta(self, method: str, key: str) -> dict[str, Any]:
+        """What `save` recorded beside the weights (training seconds, config); {} if unknown."""
+        if self.root is None:
+            return dict(self._meta.get(f"{method}-{key}", {}))
+        try:
+            return json.loads(self.path(method, key).with_suffix(".json").read_text())
+        except (OSError, ValueError):
+            return {}
+
     def save(self, method: str, key: str, tensors: Mapping[str, torch.Tensor],
              meta: Mapping[str, Any]) -> None:
         tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
         if self.root is None:
             self._memory[f"{method}-{key}"] = tensors
+            self._meta[f"{method}-{key}"] = dict(meta)
             return
         from safetensors.torch import save_file
 
@@ -111,7 +125,7 @@ def prepare_artifacts(spec: Any, pipe: Any, config: Any, data: PrepareData,
         if not member.prepares:
             continue
         member_config = getattr(config, member.name) if len(members) > 1 else config
-        key = artifact_key(data.model, member.name, member_config)
+        key = artifact_key(data, member.name, member_config)
         tensors = cache.load(member.name, key)
         if tensors is None:
             data.log(f"[prepare] {member.name} {key}: training (cached for later runs)")
@@ -126,3 +140,18 @@ def prepare_artifacts(spec: Any, pipe: Any, config: Any, data: PrepareData,
             data.log(f"[prepare] {member.name} {key}: done in {seconds:.1f} s")
         out[member.name] = tensors
     return out
+
+
+def train_seconds(spec: Any, config: Any, data: PrepareData, cache: ArtifactCache) -> float | None:
+    """Seconds the prepare steps of a method or stack took when their artifacts were made
+    (recorded in the cache, so a re-run that loads them reports the same time); None if unknown."""
+    members = getattr(spec, "members", (spec,))
+    total, known = 0.0, False
+    for member in members:
+        if not member.prepares:
+            continue
+        member_config = getattr(config, member.name) if len(members) > 1 else config
+        seconds = cache.meta(member.name, artifact_key(data, member.name, member_config))
+        if isinstance(seconds.get("seconds"), (int, float)):
+            total, known = total + float(seconds["seconds"]), True
+    return total if known else None

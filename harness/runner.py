@@ -148,16 +148,21 @@ def phase_flops(run: CellRun, mode: str) -> Observation | None:
     return Observation(n_images=1, flops=int(flops), device=run.cell.device)
 
 
-def phase_prepare(cell: Cell, mspec: Any, pipe: Any, method_config: Any) -> dict[str, Any]:
-    """Weights of training methods: loaded from the artifact cache, or trained and cached."""
+def phase_prepare(cell: Cell, mspec: Any, pipe: Any,
+                  method_config: Any) -> tuple[dict[str, Any], dict[str, float]]:
+    """Weights of training methods (loaded from the artifact cache, or trained and cached) and
+    the `train_s` column: the seconds their training took when it ran."""
     if not mspec.prepares:
-        return {}
-    from harness.prepare import ArtifactCache, PrepareData, prepare_artifacts
+        return {}, {}
+    from harness.prepare import ArtifactCache, PrepareData, prepare_artifacts, train_seconds
 
     texts = tuple(load_prompts(cell.prompts).texts)
     data = PrepareData(model=f"{cell.model}@{cell.weights}", prompts=texts, seed=cell.seed,
                        device=cell.device)
-    return prepare_artifacts(mspec, pipe, method_config, data, ArtifactCache())
+    cache = ArtifactCache()
+    artifacts = prepare_artifacts(mspec, pipe, method_config, data, cache)
+    seconds = train_seconds(mspec, method_config, data, cache)
+    return artifacts, ({} if seconds is None else {"train_s": seconds})
 
 
 def shard_batches(batches: list[Batch], n_shards: int) -> list[list[Batch]]:
@@ -248,10 +253,10 @@ def measure_shard(cell: Cell, config: RunConfig, pipes: PipelineCache, store: Ce
     pipe = pipes.get(spec, cell)
     ctx = StepContext()
     method_config = mspec.config(json.loads(cell.params))
-    artifacts = phase_prepare(cell, mspec, pipe, method_config)
+    artifacts, trained = phase_prepare(cell, mspec, pipe, method_config)
     with mspec.apply(pipe, method_config, ctx, artifacts) as handle:
         run = CellRun(cell, spec, pipe, ctx, dict(handle.call_kwargs), batches)
-        report = dict(handle.report)
+        report = {**handle.report, **trained}
         images = phase_images(run) if batches else torch.zeros(0, dtype=torch.uint8)
         if shard == 0:
             observations += phase_timing(run, config.timing.repeats, config.timing.warmup)

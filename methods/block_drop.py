@@ -11,8 +11,9 @@ shape-preserving layers, in this order: the whole mid block first, then level by
 deepest, the down block's layers last-to-first followed by the mirrored up block's layers
 first-to-last, where a layer is an attention (Transformer2DModel) or a resnet whose input and
 output channels match with no resampling (up-block resnets take the concatenated skip, so they
-always run). Without fine-tuning quality drops with k: the fine-tuned ASE variant, which trains
-the model for the dropped blocks, comes in a later issue (it needs training).
+always run). Without fine-tuning quality drops with k: the fine-tuned variant is `ase`
+(methods/ase.py: resnet+attention pairs, a schedule over timestep values, fine-tuned for it);
+`ase` with steps = 0 is its exact inference-only counterpart.
 """
 
 from __future__ import annotations

@@ -49,6 +49,7 @@ from harness.errors import DiffbenchError
 from harness.method import MethodHandle, register_method
 from harness.params import param
 from harness.prepare import PrepareData
+from harness.prompts import load_prompts
 from harness.steps import StepContext
 from methods import unet_blocks as ub
 
@@ -66,7 +67,8 @@ class PruneDistillConfig:
     mode: str = param("distill", "'distill' only, 'bilevel' (suppression step interleaved, the "
                       "paper) or 'two_stage' (distil, then suppress)",
                       choices=("distill", "bilevel", "two_stage"))
-    concept: str = param("", "concept suppressed in bilevel / two_stage (e.g. 'a red circle')")
+    concept: str = param("", "prompts of the concept suppressed in bilevel / two_stage, "
+                         "comma-separated (e.g. 'a large red,a small red')")
     eta: float = param(1.0, "negative guidance of the suppression target e_u - eta (e_c - e_u)",
                        low=0.0, high=10.0)
     steps: int = param(300, "distillation steps", low=1, high=1_000_000)
@@ -83,6 +85,9 @@ class PruneDistillConfig:
     data_size: int = param(64, "teacher-generated x_0 latents per training pool",
                            low=1, high=1_000_000)
     data_steps: int = param(10, "DDIM steps of each teacher generation", low=1, high=1000)
+    train_prompts: str = param("", "prompt set (name or file) of the distillation data; '' = "
+                               "the cell's prompts (an erasure suite passes the general set, as "
+                               "the paper's lower level uses general captions)")
 
     def __post_init__(self) -> None:
         """Unit names stripped and empty ones dropped ("mid_block, up_blocks.1.1" from a CLI)."""
@@ -102,10 +107,15 @@ class Student:
 
 def check_config(unet: Any, config: PruneDistillConfig) -> list[ub.Unit]:
     """The removed units; bad names or a suppression mode without a concept: one-line errors."""
-    if config.mode != "distill" and not config.concept.strip():
+    if config.mode != "distill" and not concept_prompts(config):
         raise DiffbenchError(f"prune_distill.concept is empty; mode={config.mode!r} needs the "
                              "concept to suppress (or use mode='distill')")
     return ub.select_units(unet, config.remove, "prune_distill.remove")
+
+
+def concept_prompts(config: PruneDistillConfig) -> list[str]:
+    """The suppressed concept's prompts (comma-separated `concept`)."""
+    return [c.strip() for c in config.concept.split(",") if c.strip()]
 
 
 def removed_mask(unet: Any, units: list[ub.Unit]) -> torch.Tensor:
@@ -203,10 +213,12 @@ def prepare(pipe: Any, config: PruneDistillConfig, data: PrepareData) -> dict[st
     units = check_config(unet, config)
     plan = training_plan(config.mode, config.steps, config.upper_every)
     gen = torch.Generator().manual_seed(data.seed)
-    pool = ub.teacher_pool(pipe, data.prompts, config.data_size, config.data_steps, gen)
+    prompts = load_prompts(config.train_prompts).texts if config.train_prompts else data.prompts
+    pool = ub.teacher_pool(pipe, prompts, config.data_size, config.data_steps, gen)
     concept = None
     if "suppress" in plan:
-        concept = ub.teacher_pool(pipe, [config.concept], config.data_size, config.data_steps, gen)
+        concept = ub.teacher_pool(pipe, concept_prompts(config), config.data_size,
+                                  config.data_steps, gen)
     student = make_student(unet, config.remove)
     params = [p for p in student.unet.parameters() if p.requires_grad]
     lower = torch.optim.AdamW(params, lr=config.lr)

@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 import dataclasses
+import time
 import types
 
 import torch
 
-from harness.prepare import ArtifactCache, PrepareData, artifact_key, prepare_artifacts
+from harness.prepare import (
+    ArtifactCache,
+    PrepareData,
+    artifact_key,
+    prepare_artifacts,
+    train_seconds,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,6 +32,7 @@ class FakeSpec:
 
     def prepare(self, pipe, config, data):
         self.calls += 1
+        time.sleep(0.05)
         return {"w": torch.full((2,), float(config.steps))}
 
 
@@ -41,9 +49,15 @@ def test_trains_once_then_loads_from_disk(tmp_path):
     assert len(list(tmp_path.glob("fake-*.json"))) == 1
 
 
-def test_key_changes_with_config_and_model():
-    assert artifact_key("m", "fake", FakeConfig(3)) != artifact_key("m", "fake", FakeConfig(4))
-    assert artifact_key("m", "fake", FakeConfig(3)) != artifact_key("n", "fake", FakeConfig(3))
+def test_key_changes_with_config_model_prompts_and_seed():
+    base = data()
+    key = artifact_key(base, "fake", FakeConfig(3))
+    assert key == artifact_key(data(), "fake", FakeConfig(3))
+    assert key != artifact_key(base, "fake", FakeConfig(4))
+    assert key != artifact_key(dataclasses.replace(base, model="tiny-sd@x"), "fake", FakeConfig(3))
+    assert key != artifact_key(dataclasses.replace(base, prompts=("b",)), "fake", FakeConfig(3))
+    assert key != artifact_key(dataclasses.replace(base, seed=1), "fake", FakeConfig(3))
+    assert key == artifact_key(dataclasses.replace(base, device="cuda"), "fake", FakeConfig(3))
 
 
 def test_unreadable_file_is_retrained(tmp_path, capsys):
@@ -57,3 +71,15 @@ def test_unreadable_file_is_retrained(tmp_path, capsys):
 def test_methods_without_prepare_get_nothing():
     spec = types.SimpleNamespace(name="plain", prepares=False)
     assert prepare_artifacts(spec, None, FakeConfig(), data(), ArtifactCache(None)) == {}
+
+
+def test_train_seconds_are_those_of_the_training_run_also_when_loaded(tmp_path):
+    spec = FakeSpec()
+    assert train_seconds(spec, FakeConfig(), data(), ArtifactCache(tmp_path)) is None
+    prepare_artifacts(spec, None, FakeConfig(), data(), ArtifactCache(tmp_path))
+    trained = train_seconds(spec, FakeConfig(), data(), ArtifactCache(tmp_path))
+    prepare_artifacts(spec, None, FakeConfig(), data(), ArtifactCache(tmp_path))  # loaded
+    assert spec.calls == 1 and trained is not None and trained >= 0.04
+    assert train_seconds(spec, FakeConfig(), data(), ArtifactCache(tmp_path)) == trained
+    plain = types.SimpleNamespace(name="plain", prepares=False)
+    assert train_seconds(plain, FakeConfig(), data(), ArtifactCache(tmp_path)) is None

@@ -150,3 +150,24 @@ def test_killed_run_resumes_without_recomputing(suite, tmp_path):
         assert (cells / name).stat().st_mtime_ns == mtime  # not recomputed
     with open(tmp_path / "leaderboard.csv") as fh:
         assert [r["status"] for r in csv.DictReader(fh)] == ["ok"] * 3
+
+
+def test_training_method_row_reports_train_seconds_also_when_loaded(tmp_path, monkeypatch):
+    """`train_s` is the prepare time of the run that trained the artifact; a second run loads
+    the artifact (no retraining) and reports the same seconds."""
+    monkeypatch.setenv("DIFFBENCH_CACHE", str(tmp_path / "cache"))
+    path = tmp_path / "train.toml"
+    path.write_text(SUITE.split("[[methods]]")[0] + """[[methods]]
+name = "baseline"
+[[methods]]
+name = "ase"
+params = { drop_max = 1, steps = 2, batch_size = 2, data_size = 2, data_steps = 1 }
+""")
+    first = {r["method"]: r for r in read_csv(runner.run(load_suite(path), tmp_path / "a",
+                                                          progress=False))}
+    assert first["baseline"]["train_s"] == "" and float(first["ase"]["train_s"]) > 0
+    assert len(list((tmp_path / "cache" / "prepared").glob("ase-*.safetensors"))) == 1
+    again = {r["method"]: r for r in read_csv(runner.run(load_suite(path), tmp_path / "b",
+                                                          progress=False))}
+    assert again["ase"]["train_s"] == first["ase"]["train_s"]
+    assert again["ase"]["images_sha"] == first["ase"]["images_sha"]

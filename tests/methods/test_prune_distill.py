@@ -192,3 +192,28 @@ def test_remove_names_from_a_cli_string_are_normalised():
     assert spec.config({"remove": "mid_block, up_blocks.1.1"}).remove == ("mid_block",
                                                                           "up_blocks.1.1")
     assert spec.config({"remove": ""}).remove == ()
+
+
+def test_training_data_come_from_train_prompts_and_concept_prompts(tiny_pipe, monkeypatch):
+    """Distillation data from `train_prompts` (else the cell's prompts); suppression data from
+    every comma-separated concept prompt."""
+    seen = []
+    real_pool = ub.teacher_pool
+
+    def spy(pipe, prompts, *args, **kwargs):
+        seen.append(list(prompts))
+        return real_pool(pipe, prompts, *args, **kwargs)
+
+    monkeypatch.setattr(ub, "teacher_pool", spy)
+    spec = METHODS.get("prune_distill")
+    data = PrepareData(model="tiny-sd@none", prompts=("cell prompt",), log=lambda _: None)
+    config = spec.config({"remove": REMOVE, "mode": "bilevel", "upper_every": 1, **TINY,
+                          "concept": "a large red, a small red", "train_prompts": "general"})
+    prepare_artifacts(spec, tiny_pipe, config, data, ArtifactCache(None))
+    from harness.prompts import load_prompts
+
+    assert seen == [list(load_prompts("general").texts), ["a large red", "a small red"]]
+    seen.clear()
+    prepare_artifacts(spec, tiny_pipe, spec.config({"remove": REMOVE, **TINY}), data,
+                      ArtifactCache(None))
+    assert seen == [["cell prompt"]]
