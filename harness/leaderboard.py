@@ -43,6 +43,8 @@ def fmt(column: str, value: Any) -> str:
         return ""
     if isinstance(value, bool):
         return str(value).lower()
+    if isinstance(value, int) and column not in FORMATS:
+        return str(value)  # counts (bytes, layers) in full, never as 1.51349e+06
     if isinstance(value, (int, float)):
         spec = FORMATS.get(column, "{:.6g}")
         if spec == "{:d}":

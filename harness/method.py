@@ -31,7 +31,12 @@ class MethodSpec:
 
     @property
     def doc(self) -> str:
-        text = (sys.modules[self.module].__doc__ or self.config_cls.__doc__ or "").strip()
+        """First line of the module docstring; of the config's when the module holds several
+        methods (ptq_minmax and lsq), so each gets its own description."""
+        shared = sum(spec.module == self.module for _, spec in METHODS.items()) > 1
+        module_doc = sys.modules[self.module].__doc__ or ""
+        text = ((self.config_cls.__doc__ or module_doc) if shared
+                else (module_doc or self.config_cls.__doc__ or "")).strip()
         return text.splitlines()[0] if text else ""
 
     def config(self, params: Mapping[str, Any] | None = None) -> Any:

@@ -27,6 +27,7 @@ from harness.world import RESOLUTION, words
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 PIPELINE_DIR = ASSETS / "mini-sd"
+DATASET_SEED_OFFSET = 7_000_000  # training-method data: world seeds apart from other uses
 CLIP_DIR = ASSETS / "mini-clip"
 MAX_TOKENS = 16  # "a large red circle on a blue background" is 10 with bos / eos
 BUILD_SEED = 0
@@ -138,9 +139,18 @@ def assemble_pipeline(tokenizer: Any, clip: Any, vae: Any, unet: Any) -> Any:
     )
 
 
+def world_dataset(n: int, seed: int) -> tuple[torch.Tensor, list[str]]:
+    """Real training images of mini-sd: n world images (training split) and their captions.
+    Seeds are offset so they never coincide with the Frechet reference's images."""
+    from harness import world
+
+    batch = world.sample(n, DATASET_SEED_OFFSET + int(seed), split="train")
+    return batch.float_images(), batch.captions
+
+
 @register_model("mini-sd", pipeline_class="StableDiffusionPipeline", resolution=RESOLUTION,
                 steps=25, guidance=5.0, default_weights="pretrained", has_quality=True,
-                embedded_weights=str(PIPELINE_DIR))
+                embedded_weights=str(PIPELINE_DIR), dataset=world_dataset)
 def build_mini_sd(dtype: torch.dtype = torch.float32) -> Any:
     """Mini Stable Diffusion trained offline on diffbench's shape world (32x32, ships in repo)."""
     parts = build_parts()

@@ -38,6 +38,9 @@ class ModelSpec:
     call_kwargs: Callable[..., dict] = None  # (prompts, steps, guidance, resolution, generators)
     load_kwargs: dict = dataclasses.field(default_factory=dict)  # extra from_pretrained arguments
     embedded_weights: str | None = None  # a pipeline folder inside the package: the default
+    # real training images: (n, seed) -> (N x 3 x H x W float in [0, 1], captions); None = none
+    # offline (training methods then use teacher-generated data; mini-sd: its world)
+    dataset: Callable[[int, int], tuple[torch.Tensor, list[str]]] | None = None
 
     def __post_init__(self) -> None:
         if self.call_kwargs is None:

@@ -35,13 +35,18 @@ def _print(message: str) -> None:
 
 @dataclass(frozen=True)
 class PrepareData:
-    """What a prepare step may use: the model's identity, training prompts, seed, device, log."""
+    """What a prepare step may use: the model's identity, training prompts, seed, device, log,
+    and the model's real training data when it has some."""
 
     model: str  # model name and weights source, e.g. "mini-sd@embedded"
     prompts: tuple[str, ...]  # training prompts (the model's default prompt set)
     seed: int = 0
     device: str = "cpu"
     log: Callable[[str], None] = field(default=_print, compare=False)
+    # the model's real training images, (n, seed) -> (images in [0, 1], captions); None if it
+    # has none offline (ModelSpec.dataset; a fixed function of the model, so not in the key)
+    dataset: Callable[[int, int], tuple[torch.Tensor, list[str]]] | None = field(
+        default=None, compare=False)
 
 
 def cache_dir() -> Path:

@@ -158,7 +158,7 @@ def phase_prepare(cell: Cell, mspec: Any, pipe: Any,
 
     texts = tuple(load_prompts(cell.prompts).texts)
     data = PrepareData(model=f"{cell.model}@{cell.weights}", prompts=texts, seed=cell.seed,
-                       device=cell.device)
+                       device=cell.device, dataset=MODELS.get(cell.model).dataset)
     cache = ArtifactCache()
     artifacts = prepare_artifacts(mspec, pipe, method_config, data, cache)
     seconds = train_seconds(mspec, method_config, data, cache)

@@ -75,9 +75,10 @@ class ASEConfig:
                        low=0, high=1_000_000)
     lr: float = param(3e-5, "AdamW learning rate (0 = weights unchanged)", low=0.0, high=1.0)
     batch_size: int = param(16, "training batch size", low=1, high=4096)
-    data_size: int = param(256, "teacher-generated x_0 latents in the training pool",
+    data_size: int = param(256, "x_0 latents in the training pool",
                            low=1, high=1_000_000)
     data_steps: int = param(10, "DDIM steps of each teacher generation", low=1, high=1000)
+    data: str = param("auto", ub.DATA_DOC, choices=ub.DATA_CHOICES)
 
 
 def drop_table(num_train_timesteps: int, drop_max: int, schedule: str,
@@ -171,7 +172,8 @@ def prepare(pipe: Any, config: ASEConfig, data: PrepareData) -> dict[str, torch.
     if config.steps == 0:
         return {TABLE: table}
     gen = torch.Generator().manual_seed(data.seed)
-    pool = ub.teacher_pool(pipe, data.prompts, config.data_size, config.data_steps, gen)
+    pool = ub.training_pool(pipe, config.data, data, data.prompts, config.data_size,
+                            config.data_steps, gen, "ase")
     student, depth = make_student(unet, config.drop_max)
     opt = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=config.lr)
     every, running = max(1, config.steps // 10), 0.0

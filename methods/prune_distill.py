@@ -82,12 +82,13 @@ class PruneDistillConfig:
     out_weight: float = param(2.0, "weight of the output distillation loss", low=0.0, high=100.0)
     feat_weight: float = param(0.1, "weight of the block-output distillation loss",
                                low=0.0, high=100.0)
-    data_size: int = param(64, "teacher-generated x_0 latents per training pool",
+    data_size: int = param(64, "x_0 latents per training pool",
                            low=1, high=1_000_000)
     data_steps: int = param(10, "DDIM steps of each teacher generation", low=1, high=1000)
-    train_prompts: str = param("", "prompt set (name or file) of the distillation data; '' = "
-                               "the cell's prompts (an erasure suite passes the general set, as "
-                               "the paper's lower level uses general captions)")
+    data: str = param("auto", ub.DATA_DOC, choices=ub.DATA_CHOICES)
+    train_prompts: str = param("", "prompt set (name or file) of teacher-generated distillation "
+                               "data; '' = the cell's prompts (an erasure suite passes the "
+                               "general set, as the paper's lower level uses general captions)")
 
     def __post_init__(self) -> None:
         """Unit names stripped and empty ones dropped ("mid_block, up_blocks.1.1" from a CLI)."""
@@ -214,7 +215,8 @@ def prepare(pipe: Any, config: PruneDistillConfig, data: PrepareData) -> dict[st
     plan = training_plan(config.mode, config.steps, config.upper_every)
     gen = torch.Generator().manual_seed(data.seed)
     prompts = load_prompts(config.train_prompts).texts if config.train_prompts else data.prompts
-    pool = ub.teacher_pool(pipe, prompts, config.data_size, config.data_steps, gen)
+    pool = ub.training_pool(pipe, config.data, data, prompts, config.data_size,
+                            config.data_steps, gen, "prune_distill")
     concept = None
     if "suppress" in plan:
         concept = ub.teacher_pool(pipe, concept_prompts(config), config.data_size,

@@ -66,7 +66,7 @@ MIN_STEP = 1e-8
 @register_method("ptq_minmax", touches=TOUCHES)
 @dataclass(frozen=True)
 class PTQMinMaxConfig:
-    """Static min-max PTQ: bit widths and calibration budget."""
+    """Static min-max PTQ (TDQ's baseline): one input step per layer from calibration maxima."""
 
     w_bits: int = param(8, "weight bits (per-output-channel symmetric)", low=2, high=16)
     a_bits: int = param(8, "input bits of every quantised layer (per-tensor symmetric)",
@@ -83,7 +83,7 @@ class PTQMinMaxConfig:
 @register_method("lsq", touches=TOUCHES)
 @dataclass(frozen=True)
 class LSQConfig(PTQMinMaxConfig):
-    """Static LSQ: min-max calibration, then step sizes trained by distillation."""
+    """Static LSQ (Esser et al., arXiv 1902.08153): min-max init, steps learned by distillation."""
 
     steps: int = param(200, "distillation (QAT) steps", low=1, high=1_000_000)
     lr: float = param(1e-3, "learning rate of LSQ's SGD (momentum 0.9): step sizes, TDQ's "

@@ -49,4 +49,5 @@ def test_columns_start_with_identity_and_order_is_stable():
 def test_fixed_formats():
     assert fmt("latency_s", 0.1234567) == "0.123457"
     assert fmt("unknown", 1 / 3) == "0.333333" and fmt("x", None) == "" and fmt("x", True) == "true"
+    assert fmt("weight_bytes_quantized", 1513490) == "1513490"  # counts in full, not 1.51349e+06
     assert "flops_per_image" not in MEASURED

@@ -174,3 +174,10 @@ def test_one_qat_step_lowers_loss_and_trains_only_quantisers(tiny_pipe, train_we
     assert bool(changed) == train_weights
     artifact = student.artifact(tiny_pipe.unet)
     assert {k.removeprefix("weight.") for k in artifact if k.startswith("weight.")} == changed
+
+
+def test_methods_sharing_a_module_get_their_own_description():
+    docs = {name: METHODS.get(name).doc for name in ("ptq_minmax", "lsq")}
+    assert docs["ptq_minmax"] != docs["lsq"]
+    assert "min-max" in docs["ptq_minmax"] and "LSQ" in docs["lsq"]
+    assert METHODS.get("tdq").doc.startswith("TDQ")  # one method per module: module docstring

@@ -150,3 +150,61 @@ def test_teacher_pool_does_not_depend_on_the_chunk_size(tiny_pipe):
     pools = [ub.teacher_pool(tiny_pipe, ["a red circle"], 5, 2, torch.Generator().manual_seed(4),
                              chunk=c) for c in (2, 16)]
     assert torch.allclose(pools[0].latents, pools[1].latents, atol=1e-4)  # batch-size rounding
+
+
+def _fake_dataset(pipe):
+    """(n, seed) -> random images at the pipeline's resolution and numbered captions."""
+    scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    side = pipe.unet.config.sample_size * scale
+
+    def dataset(n, seed):
+        gen = torch.Generator().manual_seed(seed)
+        return torch.rand(n, 3, side, side, generator=gen), [f"image {i % 2}" for i in range(n)]
+
+    return dataset
+
+
+def test_data_pool_encodes_the_models_images_with_their_captions(tiny_pipe):
+    dataset = _fake_dataset(tiny_pipe)
+    pool = ub.data_pool(tiny_pipe, dataset, 3, seed=5, chunk=2)
+    images, _ = dataset(3, 5)
+    with torch.no_grad():
+        expected = tiny_pipe.vae.encode(images * 2 - 1).latent_dist.mean
+    expected = expected * tiny_pipe.vae.config.scaling_factor
+    assert pool.latents.shape == (3, 4, 8, 8)
+    assert torch.allclose(pool.latents, expected, atol=1e-5)
+    assert torch.equal(pool.cond[0], pool.cond[2]) and not torch.equal(pool.cond[0], pool.cond[1])
+
+
+def test_training_pool_picks_real_data_when_the_model_has_some(tiny_pipe):
+    from harness.prepare import PrepareData
+
+    gen = torch.Generator().manual_seed(0)
+    with_data = PrepareData(model="m@x", prompts=("p",), seed=5, dataset=_fake_dataset(tiny_pipe))
+    without = PrepareData(model="m@x", prompts=("p",), seed=5)
+    real = ub.data_pool(tiny_pipe, with_data.dataset, 2, 5)
+    for source, data in (("auto", with_data), ("real", with_data)):
+        pool = ub.training_pool(tiny_pipe, source, data, ["p"], 2, 1, gen, "ase")
+        assert torch.equal(pool.latents, real.latents)
+    teacher = ub.teacher_pool(tiny_pipe, ["p"], 2, 1, torch.Generator().manual_seed(3))
+    for source, data in (("auto", without), ("teacher", with_data)):
+        pool = ub.training_pool(tiny_pipe, source, data, ["p"], 2, 1,
+                                torch.Generator().manual_seed(3), "ase")
+        assert torch.equal(pool.latents, teacher.latents)
+    with pytest.raises(DiffbenchError, match=r"^ase.data='real': model m@x has no training "
+                                             r"images offline; use data='teacher'"):
+        ub.training_pool(tiny_pipe, "real", without, ["p"], 2, 1, gen, "ase")
+
+
+def test_mini_sd_dataset_is_world_training_images():
+    from harness.mini_sd import world_dataset
+    from harness.models import MODELS
+    from harness.world import is_heldout
+
+    assert MODELS.get("mini-sd").dataset is world_dataset
+    images, captions = world_dataset(4, 0)
+    again, _ = world_dataset(4, 0)
+    assert images.shape == (4, 3, 32, 32) and len(captions) == 4 and torch.equal(images, again)
+    assert 0.0 <= images.min() and images.max() <= 1.0
+    _, many = world_dataset(256, 1)
+    assert not any(is_heldout(c.split()[3], c.split()[2]) for c in many)  # training split only
