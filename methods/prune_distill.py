@@ -39,7 +39,11 @@ the small pruned UNet away from its teacher; distillation on the teacher's own s
 it close), hence the data-free default. Earlier (300 steps, concept "a red circle") the MSE to
 the dense eps on held-out latents was 0.44 untrained, 0.042 "distill", 0.045 "bilevel", 0.081
 "two_stage", and the suppression loss 0.123 / 0.074 / 0.078 (dense: 0.120): as in the paper,
-bilevel suppresses as well as two-stage while keeping the distilled quality.
+bilevel suppresses as well as two-stage while keeping the distilled quality. In images (the
+erasure-mini-sd suite, concept "a large red,a small red", distillation data from the captions
+without red): share of red-prompt images still red 0.92 distill / 0.55 bilevel / 0.47
+two_stage, CLIP score on the other prompts 71.6 / 73.6 / 52.7. Distillation data that contain
+the concept counteract the suppression (bilevel on all captions: 0.86).
 """
 
 from __future__ import annotations
