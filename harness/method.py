@@ -48,6 +48,13 @@ class MethodSpec:
         """True for training methods: the module defines `prepare(pipe, config, data)`."""
         return hasattr(sys.modules[self.module], "prepare")
 
+    def training_prompts(self, config: Any, data: Any) -> tuple[str, ...]:
+        """The prompts `prepare` trains on, which key its artifact: the module's
+        `training_prompts(config, data)` when it defines one (e.g. () for methods that train on
+        their concept prompts only), else all of data.prompts."""
+        chosen = getattr(sys.modules[self.module], "training_prompts", None)
+        return tuple(chosen(config, data)) if chosen else tuple(data.prompts)
+
     def prepare(self, pipe: Any, config: Any, data: Any) -> dict[str, torch.Tensor]:
         """Train or calibrate: the artifact (tensors) `apply` needs; see harness/prepare.py."""
         return sys.modules[self.module].prepare(pipe, config, data)

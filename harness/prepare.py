@@ -6,7 +6,10 @@ tensors as safetensors keyed by that hash, and hands them to `apply(pipe, config
 Re-runs (and other shards, other cells with the same config) load the file instead of training.
 `prepare` must leave the pipeline exactly as it found it (train copies); the contract tests check.
 The training budget (steps, learning rate) is part of the method's config, so it is in the hash;
-so are the training prompts (the cell's prompt set) and the seed.
+so are the seed and the prompts prepare reads: the cell's prompt set, or what the module's
+`training_prompts(config, data)` says it reads (none for erasure methods, which train on their
+concept prompts only; the first n for calibration), so one training serves every prompt set
+that gives it the same data.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import os
 import tempfile
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +42,7 @@ class PrepareData:
     and the model's real training data when it has some."""
 
     model: str  # model name and weights source, e.g. "mini-sd@embedded"
-    prompts: tuple[str, ...]  # training prompts (the model's default prompt set)
+    prompts: tuple[str, ...]  # training prompts: the cell's prompt set
     seed: int = 0
     device: str = "cpu"
     log: Callable[[str], None] = field(default=_print, compare=False)
@@ -54,8 +57,9 @@ def cache_dir() -> Path:
 
 
 def artifact_key(data: PrepareData, method: str, config: Any) -> str:
-    """Hash of everything the artifact depends on: model, training prompts and seed, method, full
-    config, format. (Not the device: weights trained on one device are reused on another.)"""
+    """Hash of everything the artifact depends on: model, training prompts (data.prompts) and
+    seed, method, full config, format. (Not the device: weights trained on one device are reused
+    on another.)"""
     return P.short_hash({"model": data.model, "prompts": P.short_hash(list(data.prompts)),
                          "seed": data.seed, "method": method, "config": P.as_dict(config),
                          "format": ARTIFACT_FORMAT})
@@ -121,6 +125,14 @@ class ArtifactCache:
                                  f"(set {CACHE_ENV} to a writable folder)") from exc
 
 
+def member_key(member: Any, config: Any, data: PrepareData) -> str:
+    """A method's artifact key over the prompts its prepare step reads (MethodSpec.
+    training_prompts): a method that ignores the cell's prompts is trained once for all sets."""
+    reads = getattr(member, "training_prompts", None)
+    prompts = reads(config, data) if reads else data.prompts
+    return artifact_key(replace(data, prompts=tuple(prompts)), member.name, config)
+
+
 def prepare_artifacts(spec: Any, pipe: Any, config: Any, data: PrepareData,
                       cache: ArtifactCache) -> dict[str, dict[str, torch.Tensor]]:
     """Artifacts of every training member of a method or stack, by member name; cached."""
@@ -130,7 +142,7 @@ def prepare_artifacts(spec: Any, pipe: Any, config: Any, data: PrepareData,
         if not member.prepares:
             continue
         member_config = getattr(config, member.name) if len(members) > 1 else config
-        key = artifact_key(data, member.name, member_config)
+        key = member_key(member, member_config, data)
         tensors = cache.load(member.name, key)
         if tensors is None:
             data.log(f"[prepare] {member.name} {key}: training (cached for later runs)")
@@ -156,7 +168,7 @@ def train_seconds(spec: Any, config: Any, data: PrepareData, cache: ArtifactCach
         if not member.prepares:
             continue
         member_config = getattr(config, member.name) if len(members) > 1 else config
-        seconds = cache.meta(member.name, artifact_key(data, member.name, member_config))
+        seconds = cache.meta(member.name, member_key(member, member_config, data))
         if isinstance(seconds.get("seconds"), (int, float)):
             total, known = total + float(seconds["seconds"]), True
     return total if known else None

@@ -165,6 +165,11 @@ def loss_target(pipe: Any, batch: ub.Batch, config: ASEConfig) -> torch.Tensor:
         return pipe.unet(batch.x_t, batch.t, encoder_hidden_states=batch.cond).sample
 
 
+def training_prompts(config: ASEConfig, data: PrepareData) -> tuple[str, ...]:
+    """The cell's prompts for teacher-generated data; none when training on real images."""
+    return ub.pool_prompts(config.data, data, data.prompts) if config.steps else ()
+
+
 def prepare(pipe: Any, config: ASEConfig, data: PrepareData) -> dict[str, torch.Tensor]:
     """Fine-tune a copy of the UNet for the exit schedule; the changed weights + the schedule."""
     unet = ub.require_unet(pipe, "ase")

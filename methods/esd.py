@@ -95,6 +95,11 @@ def esd_batch(pipe: Any, student: torch.nn.Module, frozen: torch.nn.Module, sche
     return E.Batch(x_t, t, cond, target)
 
 
+def training_prompts(config: Any, data: PrepareData) -> tuple[str, ...]:
+    """None of the cell's prompts: training reads the concept prompts (in the config) only."""
+    return ()
+
+
 def prepare(pipe: Any, config: ESDConfig, data: PrepareData) -> dict[str, torch.Tensor]:
     """Fine-tune a float32 copy of the UNet (the pipeline is left as found); its trained tensors."""
     unet = E.require_unet(pipe, "esd")

@@ -220,15 +220,20 @@ def optimizer_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> floa
     return loss.item()
 
 
+def training_prompts(config: PruneDistillConfig, data: PrepareData) -> tuple[str, ...]:
+    """Prompts of the distillation data: `train_prompts`, else the cell's; none for real images."""
+    prompts = load_prompts(config.train_prompts).texts if config.train_prompts else data.prompts
+    return ub.pool_prompts(config.data, data, prompts)
+
+
 def prepare(pipe: Any, config: PruneDistillConfig, data: PrepareData) -> dict[str, torch.Tensor]:
     """Train the pruned copy by the mode's plan; the changed weights + the removal mask."""
     unet = ub.require_unet(pipe, "prune_distill")
     units = check_config(unet, config)
     plan = training_plan(config.mode, config.steps, config.upper_every)
     gen = torch.Generator().manual_seed(data.seed)
-    prompts = load_prompts(config.train_prompts).texts if config.train_prompts else data.prompts
-    pool = ub.training_pool(pipe, config.data, data, prompts, config.data_size,
-                            config.data_steps, gen, "prune_distill")
+    pool = ub.training_pool(pipe, config.data, data, training_prompts(config, data),
+                            config.data_size, config.data_steps, gen, "prune_distill")
     concept = None
     if "suppress" in plan:
         concept = ub.teacher_pool(pipe, concept_prompts(config), config.data_size,

@@ -189,10 +189,15 @@ class RangeRecorder:
         return record
 
 
+def training_prompts(config: PTQMinMaxConfig, data: PrepareData) -> tuple[str, ...]:
+    """The calibration prompts: the first `calib_prompts` of the cell's set (cycled)."""
+    return tuple(calibration_texts(data.prompts, config.calib_prompts))
+
+
 def calibrate(pipe: Any, unet: Any, config: PTQMinMaxConfig, data: PrepareData) -> Calibration:
     """Sample the calibration prompts with `unet` (FP), recording every layer's input range."""
     param0 = next(unet.parameters())
-    texts = calibration_texts(data.prompts, config.calib_prompts)
+    texts = list(training_prompts(config, data))
     cond = text_embeddings(pipe, texts).to(param0.device, param0.dtype)
     uncond = text_embeddings(pipe, [""]).to(param0.device, param0.dtype)
     layers = quant_layers(unet)

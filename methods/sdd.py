@@ -88,6 +88,11 @@ def sdd_batch(pipe: Any, student: torch.nn.Module, teacher: torch.nn.Module, sch
     return E.Batch(x_t, t, cond, E.unet_eps(teacher, x_t, t, uncond))
 
 
+def training_prompts(config: Any, data: PrepareData) -> tuple[str, ...]:
+    """None of the cell's prompts: training reads the concept prompts (in the config) only."""
+    return ()
+
+
 def prepare(pipe: Any, config: SDDConfig, data: PrepareData) -> dict[str, torch.Tensor]:
     """Self-distil a float32 copy of the UNet (the pipeline is left as found); the EMA teacher's
     selected tensors."""

@@ -53,6 +53,7 @@ from harness.method import MethodHandle, register_method
 from harness.params import param
 from harness.prepare import PrepareData
 from harness.steps import StepContext
+from methods import ptq_static
 from methods.fake_quant import grad_scale, step_from_range
 from methods.ptq_static import (
     TOUCHES,
@@ -174,6 +175,11 @@ def fit_to_ranges(mlp: TDQModules, calib: Calibration, bits: int, steps: int, lr
         if (step + 1) % every == 0 or step + 1 == steps:
             log(f"[tdq fit] step {step + 1}/{steps} log-step mse {loss.item():.3e}")
     return losses
+
+
+def training_prompts(config: TDQConfig, data: PrepareData) -> tuple[str, ...]:
+    """The calibration prompts, as for the static baselines."""
+    return ptq_static.training_prompts(config, data)
 
 
 def prepare(pipe: Any, config: TDQConfig, data: PrepareData) -> dict[str, torch.Tensor]:

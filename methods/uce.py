@@ -145,6 +145,11 @@ def cross_attention_layers(unet: torch.nn.Module) -> list[tuple[str, torch.nn.Mo
             if getattr(m, "is_cross_attention", False) and all(hasattr(m, p) for p in PROJECTIONS)]
 
 
+def training_prompts(config: Any, data: PrepareData) -> tuple[str, ...]:
+    """None of the cell's prompts: training reads the concept prompts (in the config) only."""
+    return ()
+
+
 def prepare(pipe: Any, config: UCEConfig, data: PrepareData) -> dict[str, torch.Tensor]:
     """The edited to_k / to_v weights of every cross-attention layer (closed form, no training)."""
     unet = E.require_unet(pipe, "uce")

@@ -260,11 +260,21 @@ def data_pool(pipe: Any, dataset: Callable[[int, int], tuple[torch.Tensor, list[
     return Pool(latents=latents.to(unet.device, unet.dtype), cond=cond, uncond=uncond)
 
 
+def uses_real_data(source: str, data: Any) -> bool:
+    """Whether `training_pool` takes the model's real images for this `data` choice."""
+    return source == "real" or (source == "auto" and data.dataset is not None)
+
+
+def pool_prompts(source: str, data: Any, prompts: Sequence[str]) -> tuple[str, ...]:
+    """The prompts a training pool reads: none for real images (captions come with them)."""
+    return () if uses_real_data(source, data) else tuple(prompts)
+
+
 def training_pool(pipe: Any, source: str, data: Any, prompts: Sequence[str], size: int,
                   steps: int, generator: torch.Generator, owner: str) -> Pool:
     """The pool a method's `data` field asks for (see the module docstring); `data` is the
     PrepareData. "real" on a model without a dataset is a one-line error."""
-    if source == "real" or (source == "auto" and data.dataset is not None):
+    if uses_real_data(source, data):
         if data.dataset is None:
             raise DiffbenchError(f"{owner}.data='real': model {data.model} has no training "
                                  "images offline; use data='teacher' (generated)")

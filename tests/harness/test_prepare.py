@@ -83,3 +83,23 @@ def test_train_seconds_are_those_of_the_training_run_also_when_loaded(tmp_path):
     assert train_seconds(spec, FakeConfig(), data(), ArtifactCache(tmp_path)) == trained
     plain = types.SimpleNamespace(name="plain", prepares=False)
     assert train_seconds(plain, FakeConfig(), data(), ArtifactCache(tmp_path)) is None
+
+
+class ConceptOnlySpec(FakeSpec):
+    """A training method that declares it reads none of the cell's prompts."""
+
+    def training_prompts(self, config, data):
+        return ()
+
+
+def test_a_method_that_reads_no_cell_prompts_is_trained_once_for_all_prompt_sets(tmp_path):
+    spec, cache = ConceptOnlySpec(), ArtifactCache(tmp_path)
+    for prompts in (("a",), ("b", "c")):
+        prepare_artifacts(spec, None, FakeConfig(), dataclasses.replace(data(), prompts=prompts),
+                          cache)
+    assert spec.calls == 1
+    plain = FakeSpec()  # reads the cell's prompts (no declaration): trained per prompt set
+    for prompts in (("a",), ("b", "c")):
+        prepare_artifacts(plain, None, FakeConfig(), dataclasses.replace(data(), prompts=prompts),
+                          cache)
+    assert plain.calls == 2

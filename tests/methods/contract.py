@@ -108,6 +108,22 @@ class MethodContract:
         assert artifact and all(isinstance(t, torch.Tensor) for t in artifact.values())
         assert_same_state(before, state_fingerprint(tiny_pipe))
 
+    def test_prepare_reads_only_its_declared_training_prompts(self, tiny_pipe):
+        """Artifacts are keyed by MethodSpec.training_prompts: cell prompts outside them must not
+        change what prepare trains (else two prompt sets would share wrong weights)."""
+        spec = resolve_method(self.method)
+        if not spec.prepares:
+            pytest.skip("method trains nothing")
+        config = spec.config(self.active_params)
+        data = PrepareData(model="tiny-sd@none", prompts=tuple(PROMPTS), log=lambda _: None)
+        more = PrepareData(model="tiny-sd@none", prompts=(*PROMPTS, "a small white cross on "
+                           "a red background"), log=lambda _: None)
+        if spec.training_prompts(config, data) != spec.training_prompts(config, more):
+            pytest.skip("this setting trains on every prompt of the cell")
+        first, second = spec.prepare(tiny_pipe, config, data), spec.prepare(tiny_pipe, config, more)
+        assert first.keys() == second.keys()
+        assert all(torch.equal(first[k], second[k]) for k in first)
+
     def test_registered_with_documented_fields(self) -> None:
         spec = resolve_method(self.method)
         assert spec.doc, "method module needs a one-line docstring"

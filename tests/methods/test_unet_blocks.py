@@ -208,3 +208,22 @@ def test_mini_sd_dataset_is_world_training_images():
     assert 0.0 <= images.min() and images.max() <= 1.0
     _, many = world_dataset(256, 1)
     assert not any(is_heldout(c.split()[3], c.split()[2]) for c in many)  # training split only
+
+
+def test_pool_prompts_are_none_for_real_data_and_key_the_artifact(tiny_pipe):
+    """What `training_pool` reads keys the artifact: real images read no prompts."""
+    from harness.method import METHODS
+    from harness.prepare import PrepareData
+
+    with_data = PrepareData(model="m@x", prompts=("p", "q"), dataset=_fake_dataset(tiny_pipe))
+    without = PrepareData(model="m@x", prompts=("p", "q"))
+    assert ub.pool_prompts("auto", with_data, ["p"]) == ()
+    assert ub.pool_prompts("auto", without, ["p"]) == ("p",)
+    assert ub.pool_prompts("teacher", with_data, ["p"]) == ("p",)
+    ase = METHODS.get("ase")
+    assert ase.training_prompts(ase.config({}), with_data) == ()
+    assert ase.training_prompts(ase.config({}), without) == ("p", "q")
+    assert ase.training_prompts(ase.config({"steps": 0}), without) == ()
+    prune = METHODS.get("prune_distill")
+    assert prune.training_prompts(prune.config({"train_prompts": "general"}), without)[0] != "p"
+    assert METHODS.get("esd").training_prompts(METHODS.get("esd").config({}), without) == ()
