@@ -329,6 +329,12 @@ def pending_cells(config: RunConfig, store: CellStore) -> list[Cell]:
     if done:
         print(f"diffbench: resuming, {done} of {len(config.cells)} cells already finished",
               file=sys.stderr)
+    wanted = {c.key for c in config.cells}
+    other = [p.stem for p in store.cells_dir.glob("*.json") if p.stem not in wanted]
+    if other:
+        print(f"diffbench: {len(other)} cell(s) in {store.out_dir} are not in this grid (an "
+              "earlier run); their rows stay in the leaderboard: delete their files under "
+              "cells/ to drop them", file=sys.stderr)
     corrupt = store.corrupt_keys()
     if corrupt:
         print(f"diffbench: {len(corrupt)} corrupt cell file(s) will be recomputed: "

@@ -1,6 +1,7 @@
 """End to end on tiny-sd: CSV columns filled, determinism, resume, failures become rows."""
 
 import csv
+import dataclasses
 import os
 import signal
 import subprocess
@@ -90,6 +91,19 @@ def test_resume_skips_finished_cells(suite, tmp_path, monkeypatch):
     runner.run(config, tmp_path, progress=False)
     assert computed == [victim]
     assert len(read_csv(tmp_path / "leaderboard.csv")) == 3
+
+
+def test_cells_of_an_earlier_grid_are_named_on_stderr(suite, first_run, tmp_path, capsys):
+    """A smaller grid run into a folder with more cells says their rows stay."""
+    import shutil
+
+    shutil.copytree(first_run.parent, tmp_path / "run", dirs_exist_ok=True)
+    config = load_suite(suite)
+    smaller = dataclasses.replace(config, cells=config.cells[:1])
+    runner.run(smaller, tmp_path / "run", progress=False)
+    err = capsys.readouterr().err
+    assert "2 cell(s) in" in err and "are not in this grid" in err
+    assert len(read_csv(tmp_path / "run" / "leaderboard.csv")) == 3
 
 
 def test_failing_cell_becomes_error_row_and_grid_goes_on(suite, tmp_path, monkeypatch):
