@@ -41,6 +41,20 @@ def noisy_latents(pipe: Any, x0: torch.Tensor, generator: torch.Generator,
     return sched.add_noise(x0, noise, t), t, noise
 
 
+def guided(eps_uncond: torch.Tensor, eps_cond: torch.Tensor, scale: float) -> torch.Tensor:
+    """Classifier-free guidance (Ho & Salimans 2022): eps_u + s (eps_c - eps_u)."""
+    return eps_uncond + scale * (eps_cond - eps_uncond)
+
+
+def ddim_scheduler(pipe: Any, num_steps: int) -> Any:
+    """A private deterministic DDIM scheduler (eta 0) on the pipeline's noise schedule."""
+    from diffusers import DDIMScheduler
+
+    sched = DDIMScheduler.from_config(pipe.scheduler.config)
+    sched.set_timesteps(num_steps)
+    return sched
+
+
 def trainable_copy(module: torch.nn.Module, select: Callable[[str], bool]) -> torch.nn.Module:
     """A deep copy in train mode whose parameters named by `select` require grad, others frozen."""
     clone = copy.deepcopy(module).train()

@@ -128,9 +128,8 @@ class ArtifactCache:
 def member_key(member: Any, config: Any, data: PrepareData) -> str:
     """A method's artifact key over the prompts its prepare step reads (MethodSpec.
     training_prompts): a method that ignores the cell's prompts is trained once for all sets."""
-    reads = getattr(member, "training_prompts", None)
-    prompts = reads(config, data) if reads else data.prompts
-    return artifact_key(replace(data, prompts=tuple(prompts)), member.name, config)
+    prompts = tuple(member.training_prompts(config, data))
+    return artifact_key(replace(data, prompts=prompts), member.name, config)
 
 
 def prepare_artifacts(spec: Any, pipe: Any, config: Any, data: PrepareData,

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from harness.errors import DiffbenchError
-from harness.finetune import latent_shape, swap_in_parameters, text_embeddings
+from harness.finetune import guided, latent_shape, swap_in_parameters, text_embeddings
 from harness.method import MethodHandle
 
 LOG_EVERY = 25  # training steps between progress lines
@@ -121,11 +121,6 @@ def unet_eps(unet: torch.nn.Module, x: torch.Tensor, t: torch.Tensor,
 
 
 # --- targets (pure) --------------------------------------------------------------------------
-def guided(eps_uncond: torch.Tensor, eps_cond: torch.Tensor, scale: float) -> torch.Tensor:
-    """Classifier-free guidance (Ho & Salimans 2022): eps_u + s (eps_c - eps_u)."""
-    return eps_uncond + scale * (eps_cond - eps_uncond)
-
-
 def esd_target(eps_uncond: torch.Tensor, eps_cond: torch.Tensor, eta: float) -> torch.Tensor:
     """ESD eq. 3 (Gandikota et al. 2023): eps*(x_t) - eta (eps*(x_t, c) - eps*(x_t))."""
     return guided(eps_uncond, eps_cond, -eta)
@@ -139,15 +134,6 @@ def ddpm_interval(stop: int, num_steps: int, num_train: int) -> tuple[int, int]:
 
 
 # --- x_t on the model's own trajectory --------------------------------------------------------
-def ddim_scheduler(pipe: Any, num_steps: int) -> Any:
-    """A private deterministic DDIM scheduler (eta 0) on the pipeline's noise schedule."""
-    from diffusers import DDIMScheduler
-
-    sched = DDIMScheduler.from_config(pipe.scheduler.config)
-    sched.set_timesteps(num_steps)
-    return sched
-
-
 @torch.no_grad()
 def sample_xt(pipe: Any, unet: torch.nn.Module, sched: Any, cond: torch.Tensor,
               uncond: torch.Tensor, guidance: float,

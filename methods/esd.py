@@ -41,7 +41,7 @@ from typing import Any
 
 import torch
 
-from harness.finetune import trainable_copy
+from harness.finetune import ddim_scheduler, trainable_copy
 from harness.method import MethodHandle, register_method
 from harness.params import param
 from harness.prepare import PrepareData
@@ -108,7 +108,7 @@ def prepare(pipe: Any, config: ESDConfig, data: PrepareData) -> dict[str, torch.
     select = selector(config)
     student = trainable_copy(unet, select).float()
     optimizer = torch.optim.Adam(E.trainable_parameters(student), lr=config.lr)
-    sched = E.ddim_scheduler(pipe, config.sample_steps)
+    sched = ddim_scheduler(pipe, config.sample_steps)
     device = next(unet.parameters()).device
     conds, uncond = E.encode(pipe, prompts, device), E.encode(pipe, [""], device)
     generator = torch.Generator().manual_seed(data.seed)

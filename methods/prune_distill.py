@@ -63,6 +63,7 @@ from harness.prepare import PrepareData
 from harness.prompts import load_prompts
 from harness.steps import StepContext
 from methods import unet_blocks as ub
+from methods.erasure_losses import esd_target
 
 MASK = "prune.removed"  # artifact key: 1 for each removed unit of unet_blocks.all_units
 
@@ -180,11 +181,6 @@ def distill_loss(pipe: Any, student: Student, batch: ub.Batch,
     return loss + config.feat_weight * torch.stack(feats).mean()
 
 
-def suppression_target(e_cond: torch.Tensor, e_uncond: torch.Tensor, eta: float) -> torch.Tensor:
-    """ESD's negatively guided target e_u - eta (e_c - e_u) (Gandikota et al., ICCV 2023)."""
-    return e_uncond - eta * (e_cond - e_uncond)
-
-
 def suppression_loss(pipe: Any, student: Student, batch: ub.Batch, uncond: torch.Tensor,
                      eta: float) -> torch.Tensor:
     """The paper's upper level: the student's eps(x_t, concept) toward the ESD target."""
@@ -195,7 +191,7 @@ def suppression_loss(pipe: Any, student: Student, batch: ub.Batch, uncond: torch
                    ).sample.float()
     pred = student.unet(batch.x_t.float(), batch.t,
                         encoder_hidden_states=batch.cond.float()).sample
-    return F.mse_loss(pred, suppression_target(e_c, e_u, eta))
+    return F.mse_loss(pred, esd_target(e_u, e_c, eta))
 
 
 def training_plan(mode: str, steps: int, upper_every: int) -> list[str]:

@@ -43,7 +43,13 @@ import torch
 import torch.nn.functional as F
 
 from harness.errors import DiffbenchError
-from harness.finetune import changed_parameters, latent_shape, noisy_latents, text_embeddings
+from harness.finetune import (
+    changed_parameters,
+    guided,
+    latent_shape,
+    noisy_latents,
+    text_embeddings,
+)
 from harness.method import MethodHandle, register_method
 from harness.params import param
 from harness.prepare import PrepareData
@@ -167,7 +173,7 @@ def sample(pipe: Any, unet: Any, cond: torch.Tensor, uncond: torch.Tensor, steps
         on_step(i)
         model_in = sched.scale_model_input(torch.cat([latents, latents]), t)
         eps_u, eps_c = unet(model_in, t, encoder_hidden_states=text).sample.chunk(2)
-        latents = sched.step(eps_u + guidance * (eps_c - eps_u), t, latents).prev_sample
+        latents = sched.step(guided(eps_u, eps_c, guidance), t, latents).prev_sample
     return latents, sched.timesteps.detach().cpu()
 
 

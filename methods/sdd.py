@@ -40,7 +40,7 @@ from typing import Any
 
 import torch
 
-from harness.finetune import EMA, trainable_copy
+from harness.finetune import EMA, ddim_scheduler, trainable_copy
 from harness.method import MethodHandle, register_method
 from harness.params import param
 from harness.prepare import PrepareData
@@ -104,7 +104,7 @@ def prepare(pipe: Any, config: SDDConfig, data: PrepareData) -> dict[str, torch.
     teacher = EMA(student, config.ema_decay)
     optimizer = torch.optim.AdamW(E.trainable_parameters(student), lr=config.lr,
                                   weight_decay=WEIGHT_DECAY)
-    sched = E.ddim_scheduler(pipe, config.sample_steps)
+    sched = ddim_scheduler(pipe, config.sample_steps)
     device = next(unet.parameters()).device
     conds, uncond = E.encode(pipe, prompts, device), E.encode(pipe, [""], device)
     generator = torch.Generator().manual_seed(data.seed)

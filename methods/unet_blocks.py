@@ -285,17 +285,14 @@ def training_pool(pipe: Any, source: str, data: Any, prompts: Sequence[str], siz
 def _ddim(pipe: Any, noise: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor,
           steps: int) -> torch.Tensor:
     """DDIM sampling (Song et al. 2021) with classifier-free guidance `GUIDANCE`."""
-    from diffusers import DDIMScheduler
-
     unet = pipe.unet
-    sched = DDIMScheduler.from_config(pipe.scheduler.config)
-    sched.set_timesteps(steps)
+    sched = finetune.ddim_scheduler(pipe, steps)
     x = (noise * sched.init_noise_sigma).to(unet.device, unet.dtype)
     uncond = uncond.expand(x.shape[0], -1, -1)
     for t in sched.timesteps:
         eps = unet(torch.cat([x, x]), t, encoder_hidden_states=torch.cat([uncond, cond])).sample
         e_u, e_c = eps.chunk(2)
-        x = sched.step(e_u + GUIDANCE * (e_c - e_u), t, x).prev_sample
+        x = sched.step(finetune.guided(e_u, e_c, GUIDANCE), t, x).prev_sample
     return x
 
 

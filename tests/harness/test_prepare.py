@@ -30,6 +30,9 @@ class FakeSpec:
     def __init__(self) -> None:
         self.calls = 0
 
+    def training_prompts(self, config, data):  # as MethodSpec's default: every cell prompt
+        return data.prompts
+
     def prepare(self, pipe, config, data):
         self.calls += 1
         time.sleep(0.05)
@@ -98,7 +101,7 @@ def test_a_method_that_reads_no_cell_prompts_is_trained_once_for_all_prompt_sets
         prepare_artifacts(spec, None, FakeConfig(), dataclasses.replace(data(), prompts=prompts),
                           cache)
     assert spec.calls == 1
-    plain = FakeSpec()  # reads the cell's prompts (no declaration): trained per prompt set
+    plain = FakeSpec()  # reads the cell's prompts: trained per prompt set
     for prompts in (("a",), ("b", "c")):
         prepare_artifacts(plain, None, FakeConfig(), dataclasses.replace(data(), prompts=prompts),
                           cache)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from harness.errors import DiffbenchError
-from harness.finetune import trainable_copy
+from harness.finetune import ddim_scheduler, guided, trainable_copy
 from harness.method import METHODS
 from harness.prepare import PrepareData
 from methods import erasure_losses as E
@@ -59,13 +59,13 @@ def test_esd_target_hand_values():
     u, c = torch.tensor([1.0, -2.0]), torch.tensor([3.0, 0.0])
     assert torch.equal(E.esd_target(u, c, 2.0), torch.tensor([-3.0, -6.0]))
     assert torch.equal(E.esd_target(u, c, 0.0), u)
-    assert torch.equal(E.guided(u, c, 1.0), c)
+    assert torch.equal(guided(u, c, 1.0), c)
 
 
 def test_one_step_lowers_loss_on_fixed_batch(tiny_pipe):
     config = METHODS.get("esd").config({**TINY, "eta": 1.0})
     student = trainable_copy(tiny_pipe.unet, selector(config)).float()
-    sched = E.ddim_scheduler(tiny_pipe, config.sample_steps)
+    sched = ddim_scheduler(tiny_pipe, config.sample_steps)
     cond, uncond = E.encode(tiny_pipe, ["red"], "cpu"), E.encode(tiny_pipe, [""], "cpu")
     batch = esd_batch(tiny_pipe, student, tiny_pipe.unet, sched, cond, uncond, config,
                       torch.Generator().manual_seed(0))

@@ -6,11 +6,11 @@ from harness.method import METHODS
 from harness.prepare import ArtifactCache, PrepareData, prepare_artifacts
 from harness.steps import StepContext
 from methods import unet_blocks as ub
+from methods.erasure_losses import esd_target
 from methods.prune_distill import (
     distill_loss,
     make_student,
     suppression_loss,
-    suppression_target,
     training_plan,
 )
 from tests.methods.contract import PROMPTS, MethodContract, run
@@ -85,10 +85,11 @@ def test_training_plan(mode, steps, every, expected):
 
 
 def test_suppression_target_hand_values():
+    """The upper level's target is ESD's (erasure_losses.esd_target, shared with `esd`)."""
     e_c, e_u = torch.tensor([1.0, 2.0]), torch.tensor([0.5, 0.5])
-    assert suppression_target(e_c, e_u, 1.0).tolist() == [0.0, -1.0]
-    assert suppression_target(e_c, e_u, 2.0).tolist() == [-0.5, -2.5]
-    assert torch.equal(suppression_target(e_c, e_u, 0.0), e_u)  # eps(x_t, c) -> eps(x_t, "")
+    assert esd_target(e_u, e_c, 1.0).tolist() == [0.0, -1.0]
+    assert esd_target(e_u, e_c, 2.0).tolist() == [-0.5, -2.5]
+    assert torch.equal(esd_target(e_u, e_c, 0.0), e_u)  # eps(x_t, c) -> eps(x_t, "")
 
 
 def _batch(pipe, prompts, seed, uncond_prob=0.0):
@@ -166,7 +167,7 @@ def test_bilevel_suppresses_more_than_distillation_alone(tiny_pipe):
         artifact = prepare_artifacts(spec, tiny_pipe, config, data, cache)
         with spec.apply(tiny_pipe, config, StepContext(), artifact), torch.no_grad():
             pred = unet(batch.x_t, batch.t, encoder_hidden_states=batch.cond).sample
-        losses[mode] = torch.nn.functional.mse_loss(pred, suppression_target(e_c, e_u, 1.0))
+        losses[mode] = torch.nn.functional.mse_loss(pred, esd_target(e_u, e_c, 1.0))
     assert losses["bilevel"] < losses["distill"]
 
 

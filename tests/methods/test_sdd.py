@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from harness.errors import DiffbenchError
-from harness.finetune import EMA, trainable_copy
+from harness.finetune import EMA, ddim_scheduler, trainable_copy
 from harness.method import METHODS
 from harness.prepare import PrepareData
 from methods import erasure_losses as E
@@ -51,7 +51,7 @@ class TestSDD(MethodContract):
 
 
 def fixed_batch(pipe, config, student, teacher):
-    sched = E.ddim_scheduler(pipe, config.sample_steps)
+    sched = ddim_scheduler(pipe, config.sample_steps)
     cond, uncond = E.encode(pipe, ["red"], "cpu"), E.encode(pipe, [""], "cpu")
     return sdd_batch(pipe, student, teacher, sched, cond, uncond, config,
                      torch.Generator().manual_seed(0)), uncond
