@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, ClassVar
 
 import pytest
@@ -15,6 +17,20 @@ from harness.steps import StepContext
 
 PROMPTS = ["a large red circle on a blue background", "a small green star on a white background",
            "a large yellow square on a black background"]
+
+
+class DiTLike:
+    """A pipeline whose denoiser is a transformer, not a UNet: UNet-only methods refuse it."""
+
+    transformer = torch.nn.Linear(1, 1)
+
+
+@contextmanager
+def one_line_error(pattern: str) -> Iterator[None]:
+    """The block raises a DiffbenchError matching `pattern` whose message is a single line."""
+    with pytest.raises(DiffbenchError, match=pattern) as err:
+        yield
+    assert "\n" not in str(err.value)
 
 
 def run(pipe: Any, spec: Any, handle: Any, prompts: list[str], first_index: int = 0,

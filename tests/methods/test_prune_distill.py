@@ -13,7 +13,13 @@ from methods.prune_distill import (
     suppression_loss,
     training_plan,
 )
-from tests.methods.contract import PROMPTS, MethodContract, run
+from tests.methods.contract import (
+    PROMPTS,
+    DiTLike,
+    MethodContract,
+    one_line_error,
+    run,
+)
 from tests.methods.dit_fixtures import count_calls
 
 TINY = {"steps": 2, "batch_size": 2, "data_size": 2, "data_steps": 1}
@@ -59,10 +65,7 @@ class TestPruneDistill(MethodContract):
                 "prune_distill"]})
 
     def test_transformer_pipeline_is_refused_in_one_line(self):
-        class DiTLike:
-            transformer = torch.nn.Linear(1, 1)
-
-        with pytest.raises(DiffbenchError, match="^prune_distill needs a UNet pipeline"):
+        with one_line_error("^prune_distill needs a UNet pipeline"):
             self.apply(DiTLike(), self.active_params)
 
 

@@ -10,8 +10,10 @@ from harness.prepare import PrepareData
 from methods import erasure_losses as E
 from methods.sdd import sdd_batch
 from tests.methods.contract import (
+    DiTLike,
     MethodContract,
     changed_while_applied,
+    one_line_error,
     prepare_method,
 )
 
@@ -32,22 +34,17 @@ class TestSDD(MethodContract):
     active_params = TINY
 
     def test_empty_concept_is_one_line_error(self):
-        with pytest.raises(DiffbenchError, match=r"sdd.concept='' names no concept") as err:
+        with one_line_error(r"sdd.concept='' names no concept"):
             METHODS.get("sdd").config({"concept": ""})
-        assert "\n" not in str(err.value)
 
     def test_ema_decay_out_of_range_names_field(self):
         with pytest.raises(DiffbenchError, match=r"sdd.ema_decay=1.5 is out of range"):
             METHODS.get("sdd").config({"ema_decay": "1.5"})
 
     def test_transformer_pipeline_is_refused(self):
-        class DiTLike:
-            transformer = torch.nn.Linear(1, 1)
-
-        with pytest.raises(DiffbenchError, match="sdd needs a text-to-image UNet") as err:
+        with one_line_error("sdd needs a text-to-image UNet"):
             METHODS.get("sdd").prepare(DiTLike(), METHODS.get("sdd").config(TINY),
                                        PrepareData(model="x", prompts=()))
-        assert "\n" not in str(err.value)
 
 
 def fixed_batch(pipe, config, student, teacher):
