@@ -1,7 +1,8 @@
 """Metric speed: images/s of each quality metric on a run's cached images (no generation).
 
-Each metric scores the same cell twice through `harness.score.score_record`; the first pass
-loads its network and caches reference statistics, the second is timed. Prints one line a metric.
+Each metric scores the same cell twice through `harness.reporting.score.score_record`; the
+first pass loads its network and caches reference statistics, the second is timed. Prints one
+line a metric.
 
     diffbench run --out runs/default && python benchmarks/metric_speed.py runs/default
 """
@@ -17,8 +18,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from harness.score import QUALITY_METRICS, score_record  # noqa: E402
-from harness.store import CellStore  # noqa: E402
+from harness.reporting.score import QUALITY_METRICS, score_record  # noqa: E402
+from harness.run.store import CellStore  # noqa: E402
 
 HEADLINE = {"fid": "fid", "fd_clip": "fd_clip", "clip_score": "clip_score", "nsfw": "nsfw_ratio",
             "concept": "concept_ratio", "fidelity": "psnr"}  # metric -> its main column

@@ -24,10 +24,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from harness.config import RunConfig, Settings, Timing, make_cell  # noqa: E402
-from harness.generate import call_kwargs, generate, image_seed  # noqa: E402
 from harness.method import METHODS  # noqa: E402
 from harness.models import MODELS, load_pipeline, resolve_dtype  # noqa: E402
+from harness.run.config import RunConfig, Settings, Timing, make_cell  # noqa: E402
+from harness.run.generate import call_kwargs, generate, image_seed  # noqa: E402
 from harness.steps import StepContext  # noqa: E402
 from metrics.flops import count_flops, count_flops_fake  # noqa: E402
 from metrics.latency import timed_call  # noqa: E402
@@ -115,8 +115,9 @@ def main() -> None:
 
 def cell_overhead(args: argparse.Namespace, spec, bare_s: float) -> None:
     """A whole runner cell vs the pipeline calls it makes (images + warm-up + repeats + profile)."""
-    from harness.runner import PipelineCache, run_cell
-    from harness.store import CellStore
+    from harness.run.cell import PipelineCache
+    from harness.run.local import run_cell
+    from harness.run.store import CellStore
 
     settings = Settings(model=args.model, weights=args.weights, device=args.device,
                         dtype=args.dtype, steps=args.steps, resolution=args.resolution,
@@ -138,7 +139,7 @@ def write_csv(args: argparse.Namespace) -> None:
     """Baseline and DeepCache N through the full runner; the CSV lands where --csv says."""
     import shutil
 
-    from harness.runner import run
+    from harness.run.job import run
 
     settings = Settings(model=args.model, weights=args.weights, device=args.device,
                         dtype=args.dtype, steps=args.steps, resolution=args.resolution,

@@ -50,13 +50,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", required=True)
     _run_parser(sub)
-    from harness import report, score
+    from harness.mini.train import cli as train_cli
+    from harness.reporting import report, score
 
     score.add_parser(sub)
     report.add_parser(sub)
-    from harness import train_mini
-
-    train_mini.add_arguments(sub.add_parser(
+    train_cli.add_arguments(sub.add_parser(
         "train-mini", help="train the embedded mini-sd (CLIP, VAE, UNet) from a seed, resumable"))
     p = sub.add_parser("list", help="list registered methods, metrics, models or prompt sets")
     p.add_argument("what", choices=("methods", "metrics", "models", "prompts"))
@@ -81,7 +80,8 @@ def _version() -> str:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from harness import config, params, runner
+    from harness import params
+    from harness.run import config, job
 
     if not 1 <= args.shards <= 4096:
         raise DiffbenchError(f"--shards={args.shards} is out of range; allowed [1, 4096]")
@@ -112,7 +112,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                                          timing=params.build(config.Timing, timing, "timing"))
     out = Path(args.out or Path("diffbench-runs") / run_config.name)
     print(f"diffbench: {len(run_config.cells)} cells -> {out}", file=sys.stderr)
-    csv_path = runner.run(run_config, out, progress=not args.no_progress, backend=args.backend,
+    csv_path = job.run(run_config, out, progress=not args.no_progress, backend=args.backend,
                           shards=args.shards, workers=args.workers)
     print(_summary(csv_path))
     print(f"leaderboard: {csv_path}")
@@ -121,7 +121,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def _summary(csv_path: Path) -> str:
     """A short table of the leaderboard's main columns."""
-    from harness.leaderboard import read_csv
+    from harness.run.leaderboard import read_csv
 
     cols = ("model", "method", "params", "steps", "latency_s", "images_per_s", "speedup",
             "peak_mem_mb", "flops_per_image", "flops_ratio", "status")
@@ -158,8 +158,8 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_leaderboard(args: argparse.Namespace) -> int:
-    from harness.leaderboard import write_leaderboard
-    from harness.store import CellStore
+    from harness.run.leaderboard import write_leaderboard
+    from harness.run.store import CellStore
 
     store = CellStore(args.run_dir)
     if not store.cells_dir.is_dir():
@@ -170,7 +170,8 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from harness import compare, params
+    from harness import params
+    from harness.reporting import compare
 
     for path in (args.new, args.ref):
         if not os.path.isfile(path):
@@ -184,21 +185,21 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_score(args: argparse.Namespace) -> int:
-    from harness import score
+    from harness.reporting import score
 
     return score.run(args)
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from harness import report
+    from harness.reporting import report
 
     return report.run(args)
 
 
 def cmd_train_mini(args: argparse.Namespace) -> int:
-    from harness import train_mini
+    from harness.mini.train import cli as train_cli
 
-    return train_mini.run(args)
+    return train_cli.run(args)
 
 
 COMMANDS = {"train-mini": cmd_train_mini, "run": cmd_run, "list": cmd_list,

@@ -50,9 +50,9 @@ class Observation:
 class MetricContext:
     """What a metric may need to set itself up for a cell (e.g. which CLIP model scores it)."""
 
-    cell: Any  # harness.config.Cell
+    cell: Any  # harness.run.config.Cell
     spec: Any  # harness.models.ModelSpec
-    store: Any  # harness.store.CellStore (image cache, reference statistics)
+    store: Any  # harness.run.store.CellStore (image cache, reference statistics)
     options: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
     # per-metric options of the run: suite tables [metric_options.<name>]
 

@@ -5,14 +5,13 @@ from __future__ import annotations
 import csv
 import dataclasses
 import hashlib
-import itertools
+import importlib
 import math
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from harness.errors import DiffbenchError
 from harness.registry import Registry
-from harness.world import COLOURS, SHAPES, SIZES, caption  # noqa: F401 (re-exported)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,7 +51,14 @@ class PromptSet:
 
 
 PromptFactory = Callable[[], Sequence[str]]
-PROMPTS: Registry[PromptFactory] = Registry("prompt set")
+
+
+def _load_builtin_sets() -> None:
+    """Prompt sets registered outside this module (the embedded world's captions)."""
+    importlib.import_module("harness.mini.prompts")
+
+
+PROMPTS: Registry[PromptFactory] = Registry("prompt set", loader=_load_builtin_sets)
 
 
 def register_prompt_set(name: str) -> Callable[[PromptFactory], PromptFactory]:
@@ -61,34 +67,11 @@ def register_prompt_set(name: str) -> Callable[[PromptFactory], PromptFactory]:
 
 
 # --- built-in sets --------------------------------------------------------------------------
-SHUFFLE_SEED = 0
 
 
 def seeded_order(texts: Sequence[str], seed: int) -> list[str]:
     """A fixed pseudo-random order: sort by sha256(seed, text); same on every Python version."""
     return sorted(texts, key=lambda t: hashlib.sha256(f"{seed}:{t}".encode()).hexdigest())
-
-
-@register_prompt_set("shapes")
-def shapes() -> list[str]:
-    """Captions of the procedural world: 5 shapes x 8 colours x 2 sizes x 7 backgrounds."""
-    per_shape = [seeded_order([caption(shape, c, size, bg) for c, size, bg
-                               in itertools.product(COLOURS, SIZES, COLOURS) if bg != c],
-                              SHUFFLE_SEED) for shape in SHAPES]
-    # Round-robin over the shuffled per-shape lists: any 5 consecutive prompts hold every shape.
-    return [text for group in zip(*per_shape, strict=True) for text in group]
-
-
-@register_prompt_set("shapes-red")
-def shapes_red() -> list[str]:
-    """World captions of red shapes (the concept an erasure suite removes), in shapes' order."""
-    return [t for t in shapes() if t.split()[2] == "red"]
-
-
-@register_prompt_set("shapes-not-red")
-def shapes_not_red() -> list[str]:
-    """World captions without the word red: what an erasure of red must leave intact."""
-    return [t for t in shapes() if "red" not in t.split()]
 
 
 @register_prompt_set("general")

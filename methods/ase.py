@@ -48,13 +48,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from harness import finetune
 from harness.errors import DiffbenchError
 from harness.method import MethodHandle, register_method
 from harness.params import param
 from harness.prepare import PrepareData
 from harness.steps import StepContext
 from methods import unet_blocks as ub
+from methods._common import training as finetune
 from methods.block_drop import drop_count
 
 TABLE = "ase.drop_table"  # artifact key: units skipped at each training timestep

@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 
 from harness.errors import DiffbenchError
-from harness.finetune import guided, latent_shape, swap_in_parameters, text_embeddings
 from harness.method import MethodHandle
+from methods._common.training import guided, latent_shape, swap_in_parameters, text_embeddings
 
 LOG_EVERY = 25  # training steps between progress lines
 TEMPLATE_DOC = ("prompt template(s) each concept is put into, comma-separated, {} = the concept; "

@@ -41,12 +41,12 @@ from typing import Any
 
 import torch
 
-from harness.finetune import ddim_scheduler, trainable_copy
 from harness.method import MethodHandle, register_method
 from harness.params import param
 from harness.prepare import PrepareData
 from harness.steps import StepContext
 from methods import erasure_losses as E
+from methods._common.training import ddim_scheduler, trainable_copy
 
 VARIANTS = {"x": "xattn", "x-strict": "xattn-kv", "u": "noxattn"}  # -> E.PARAMETER_SETS
 

@@ -55,7 +55,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from harness import finetune
 from harness.errors import DiffbenchError
 from harness.method import MethodHandle, register_method
 from harness.params import param
@@ -63,6 +62,7 @@ from harness.prepare import PrepareData
 from harness.prompts import load_prompts
 from harness.steps import StepContext
 from methods import unet_blocks as ub
+from methods._common import training as finetune
 from methods.erasure_losses import esd_target
 
 MASK = "prune.removed"  # artifact key: 1 for each removed unit of unet_blocks.all_units

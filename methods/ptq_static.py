@@ -43,17 +43,17 @@ import torch
 import torch.nn.functional as F
 
 from harness.errors import DiffbenchError
-from harness.finetune import (
+from harness.method import MethodHandle, register_method
+from harness.params import param
+from harness.prepare import PrepareData
+from harness.steps import StepContext
+from methods._common.training import (
     changed_parameters,
     guided,
     latent_shape,
     noisy_latents,
     text_embeddings,
 )
-from harness.method import MethodHandle, register_method
-from harness.params import param
-from harness.prepare import PrepareData
-from harness.steps import StepContext
 from methods.fake_quant import (
     abs_percentile,
     channel_steps,

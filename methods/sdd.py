@@ -40,12 +40,12 @@ from typing import Any
 
 import torch
 
-from harness.finetune import EMA, ddim_scheduler, trainable_copy
 from harness.method import MethodHandle, register_method
 from harness.params import param
 from harness.prepare import PrepareData
 from harness.steps import StepContext
 from methods import erasure_losses as E
+from methods._common.training import EMA, ddim_scheduler, trainable_copy
 
 WEIGHT_DECAY = 1e-4  # official SDD script
 MAX_GRAD_NORM = 1.0  # official SDD script

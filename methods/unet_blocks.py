@@ -30,8 +30,8 @@ from typing import Any
 
 import torch
 
-from harness import finetune
 from harness.errors import DiffbenchError
+from methods._common import training as finetune
 
 GUIDANCE = 5.0  # classifier-free guidance of the teacher's pool generations
 UNCOND_PROB = 0.1  # share of training samples conditioned on "" (SD's caption dropout)

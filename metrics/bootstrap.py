@@ -103,9 +103,9 @@ def metric_options(context: Any, name: str) -> Mapping[str, Any]:
 
 
 def is_embedded(context: Any) -> bool:
-    """The embedded mini Stable Diffusion (scored with its own mini-CLIP)."""
-    spec = getattr(context, "spec", None)
-    return getattr(spec, "name", "") == "mini-sd"
+    """A model embedded in diffbench and trained on its world (ModelSpec.embedded): scored with
+    its own mini-CLIP, the world's real images and the zero-shot judge."""
+    return bool(getattr(getattr(context, "spec", None), "embedded", False))
 
 
 def images_as_numpy(images: Any) -> np.ndarray:

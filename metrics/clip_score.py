@@ -122,19 +122,19 @@ def tensor_preprocess(size: int, mean: Sequence[float] = OPENAI_MEAN,
 
 def mini_clip_backend(device: str = "cpu") -> ClipBackend:
     """The embedded mini-CLIP, with the pixel and token layout it was trained on
-    (harness.mini_sd: clip_pixels, tokenize); named with its weight file's hash."""
-    from harness import mini_sd
+    (harness.mini.clip: clip_pixels, tokenize); named with its weight file's hash."""
+    from harness.mini import clip as mini_clip
 
-    model, tokenizer = mini_sd.load_mini_clip(device=device)
+    model, tokenizer = mini_clip.load_mini_clip(device=device)
 
     def pixel_values(images: np.ndarray) -> torch.Tensor:
         x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 255.0
-        return mini_sd.clip_pixels(x)
+        return mini_clip.clip_pixels(x)
 
     def text_inputs(texts: Sequence[str]) -> dict:
-        return {"input_ids": mini_sd.tokenize(tokenizer, list(texts))}
+        return {"input_ids": mini_clip.tokenize(tokenizer, list(texts))}
 
-    weights = Path(mini_sd.CLIP_DIR) / "model.safetensors"
+    weights = Path(mini_clip.CLIP_DIR) / "model.safetensors"
     name = MINI_CLIP
     if weights.is_file():
         name += "@" + hashlib.sha256(weights.read_bytes()).hexdigest()[:12]

@@ -8,7 +8,7 @@ Detection: softmax over logit_scale * cos(image, prompt) across [concept, *contr
 counts when the concept prompt has the highest probability and at least `min_prob` (0 default).
 On the embedded mini-sd, a concept that is one of the world's colours or shapes ("red",
 "circle") is detected by mini-CLIP zero-shot over all world captions, marginalised to that
-attribute (harness.mini_eval.ZeroShot: 99.9% colour / 96% shape accuracy on real images): a
+attribute (harness.mini.evaluate.ZeroShot: 99.9% colour / 96% shape accuracy on real images): a
 single word is a poor prompt for mini-CLIP's word-level causal text tower.
 """
 
@@ -22,7 +22,13 @@ import numpy as np
 import torch
 
 from harness.metric import Metric, MetricContext, Observation, register_metric
-from metrics.bootstrap import ci_columns, images_as_numpy, metric_options, quality_skip_reason
+from metrics.bootstrap import (
+    ci_columns,
+    images_as_numpy,
+    is_embedded,
+    metric_options,
+    quality_skip_reason,
+)
 
 CONTRASTS = ("a photo", "an image of an object", "a picture of a scene")
 TEMPLATE = "{}"
@@ -62,22 +68,22 @@ def concept_of(context: Any) -> str:
 
 class WorldAttributeDetector:
     """mini-sd: is the image's shape colour (or shape) the concept? mini-CLIP zero-shot over
-    every world caption, marginalised to the attribute (harness.mini_eval.ZeroShot)."""
+    every world caption, marginalised to the attribute (harness.mini.zeroshot.ZeroShot)."""
 
     name = "mini-clip-world-zero-shot"
 
     def __init__(self, concept: str):
-        from harness import mini_eval
+        from harness.mini import zeroshot
 
-        self.attribute = "colour" if concept in mini_eval.VALUES["colour"] else "shape"
-        self.index = list(mini_eval.VALUES[self.attribute]).index(concept)
-        self.zero_shot = mini_eval.ZeroShot.load()
+        self.attribute = "colour" if concept in zeroshot.VALUES["colour"] else "shape"
+        self.index = list(zeroshot.VALUES[self.attribute]).index(concept)
+        self.zero_shot = zeroshot.ZeroShot.load()
 
     @staticmethod
     def handles(context: Any, concept: str) -> bool:
-        from harness import world
+        from harness.mini import world
 
-        return getattr(context.cell, "model", "") == "mini-sd" and (
+        return is_embedded(context) and (
             concept in world.COLOURS or concept in world.SHAPES)
 
     @torch.inference_mode()

@@ -238,9 +238,9 @@ def cached_reference(dataset: str, extractor: str, resize: str, n: int,
 
 def world_reference_images(n: int = WORLD_REFERENCE_N, seed: int = WORLD_REFERENCE_SEED,
                            split: str = "all") -> np.ndarray:
-    """Real images of the embedded procedural world (harness.world.sample, every combination
+    """Real images of the embedded procedural world (harness.mini.world.sample, every combination
     including the held-out ones: the world as it is), uint8 N x 32 x 32 x 3."""
-    from harness import world
+    from harness.mini import world
 
     return images_as_numpy(world.sample(n, seed, split=split).images)
 

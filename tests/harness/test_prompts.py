@@ -7,7 +7,8 @@ import dataclasses
 import pytest
 
 from harness.errors import DiffbenchError
-from harness.prompts import PROMPTS, SHAPES, Prompt, PromptSet, load_prompts, register_prompt_set
+from harness.mini.world import SHAPES
+from harness.prompts import PROMPTS, Prompt, PromptSet, load_prompts, register_prompt_set
 from harness.registry import UnknownNameError
 
 MLPERF_TSV = ("id\tcaption\n"

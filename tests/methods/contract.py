@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from harness.errors import DiffbenchError
-from harness.generate import call_kwargs, generate, image_seed
 from harness.prepare import ArtifactCache, PrepareData, prepare_artifacts
+from harness.run.generate import call_kwargs, generate, image_seed
 from harness.stack import resolve_method
 from harness.steps import StepContext
 

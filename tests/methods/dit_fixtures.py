@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import torch
 
-from harness.generate import call_kwargs
+from harness.run.generate import call_kwargs
 from harness.steps import StepContext
 
 

@@ -51,7 +51,7 @@ def test_flops_saved_equal_skipped_deep_modules(tiny_pipe, tiny_spec):
     """FLOPs(baseline) - FLOPs(DeepCache N) = (T - K) x FLOPs of the deep modules per UNet call."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from harness.generate import call_kwargs
+    from harness.run.generate import call_kwargs
     from harness.steps import StepContext
     from metrics.flops import count_flops, register_attention_formulas
 
@@ -75,7 +75,7 @@ def test_call_outside_step_context_never_reuses(tiny_pipe, tiny_spec):
     """A plain pipe(...) call is not counted by the runner's context: DeepCache stays exact."""
     import torch
 
-    from harness.generate import call_kwargs, to_uint8
+    from harness.run.generate import call_kwargs, to_uint8
     from harness.steps import StepContext
 
     def plain():

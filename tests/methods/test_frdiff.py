@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from harness.errors import DiffbenchError
-from harness.generate import call_kwargs
 from harness.method import METHODS
+from harness.run.generate import call_kwargs
 from harness.steps import StepContext
 from methods.frdiff import mix_weight, reused_modules
 from tests.methods.contract import DiTLike, MethodContract, one_line_error
@@ -148,7 +148,7 @@ def test_mix_weight_schedule(r, expected):
 
 def test_call_outside_step_context_is_exact(tiny_pipe, tiny_spec):
     """A plain pipe(...) call is not counted by the runner's context: no reuse, no mixing."""
-    from harness.generate import to_uint8
+    from harness.run.generate import to_uint8
 
     def plain():
         kw = call_kwargs(tiny_spec, ["a red circle"], [3], 6, 5.0, 32, {})

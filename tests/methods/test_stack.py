@@ -1,8 +1,8 @@
 import pytest
 
-from harness.config import Settings, make_cell
 from harness.errors import DiffbenchError
 from harness.method import METHODS
+from harness.run.config import Settings, make_cell
 from harness.stack import resolve_method
 from tests.methods.contract import MethodContract
 

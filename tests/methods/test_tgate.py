@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from harness.errors import DiffbenchError
-from harness.generate import call_kwargs, generate, to_uint8
 from harness.method import METHODS
+from harness.run.generate import call_kwargs, generate, to_uint8
 from harness.steps import StepContext
 from methods.tgate import phase_of
 from tests.methods.contract import PROMPTS, MethodContract, run

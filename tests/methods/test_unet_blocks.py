@@ -194,9 +194,9 @@ def test_training_pool_picks_real_data_when_the_model_has_some(tiny_pipe):
 
 
 def test_mini_sd_dataset_is_world_training_images():
-    from harness.mini_sd import world_dataset
+    from harness.mini.pipeline import world_dataset
+    from harness.mini.world import is_heldout
     from harness.models import MODELS
-    from harness.world import is_heldout
 
     assert MODELS.get("mini-sd").dataset is world_dataset
     images, captions = world_dataset(4, 0)

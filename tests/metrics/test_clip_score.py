@@ -12,7 +12,7 @@ def tiny_backend(seed=0, name="tiny-clip"):
     """A tiny random transformers CLIP with a character tokenizer (offline)."""
     from transformers import CLIPConfig, CLIPModel
 
-    from harness.models import local_clip_tokenizer
+    from harness.models.build import local_clip_tokenizer
 
     tok = local_clip_tokenizer()
     cfg = CLIPConfig(
@@ -105,7 +105,7 @@ def test_mini_clip_backend_uses_its_pixel_and_token_layout(monkeypatch):
     """mini-CLIP architecture with random weights (the trained file may not exist yet)."""
     from transformers import CLIPModel
 
-    from harness import mini_sd
+    from harness.mini import clip as mini_sd
 
     tok = mini_sd.build_tokenizer()
     torch.manual_seed(0)

@@ -50,11 +50,12 @@ def test_world_colour_concept_on_mini_sd_uses_the_world_detector():
     detected, shapes of other colours are not."""
     import types
 
-    from harness import world
+    from harness.mini import world
 
     batch = world.sample(200, seed=7, split="all")
     red = batch.colour == world.COLOURS.index("red")
-    context = types.SimpleNamespace(cell=types.SimpleNamespace(model="mini-sd"))
+    context = types.SimpleNamespace(cell=types.SimpleNamespace(model="mini-sd"),
+                                    spec=types.SimpleNamespace(embedded=True))
     assert cc.WorldAttributeDetector.handles(context, "red")
     assert not cc.WorldAttributeDetector.handles(context, "a red thing")
     m = cc.ConceptRatio(concept="red")

@@ -156,7 +156,7 @@ def test_quality_skipped_for_toy_and_random_weights():
 
 
 def test_fd_clip_on_world_reference(tmp_path):
-    from harness import world
+    from harness.mini import world
     from tests.metrics.test_clip_score import tiny_backend
 
     backend = tiny_backend()
@@ -184,7 +184,7 @@ def test_fd_clip_missing_mini_clip_leaves_note(monkeypatch):
 
     monkeypatch.setattr(clip_score, "load_backend", missing)
     ctx = NS(cell=NS(weights="w", device="cpu", params="{}"),
-             spec=NS(name="mini-sd", has_quality=True), store=None)
+             spec=NS(name="mini-sd", has_quality=True, embedded=True), store=None)
     m = fr.FDClip.for_cell(ctx)
     m.update(Observation(n_images=2, images=random_images(0, n=2)))
     out = m.compute()

@@ -1,0 +1,1 @@
+"""The embedded models and their world (ARCHITECTURE.md, "harness/mini")."""

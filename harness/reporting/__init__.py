@@ -1,0 +1,1 @@
+"""Reading and presenting results: compare leaderboards, reports, re-scoring (ARCHITECTURE.md)."""

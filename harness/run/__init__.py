@@ -1,0 +1,1 @@
+"""One job: a RunConfig in, cell records out (ARCHITECTURE.md, "harness/run")."""

@@ -1,0 +1,310 @@
+"""The backend-free phases of one cell: plan, prepare, images, timing, profile, FLOPs, metric
+states, finish, record. Each backend (local.py, ray.py) calls them; none calls a backend."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from harness.errors import MissingExtraError
+from harness.metric import METRICS, MetricContext, Observation
+from harness.models import MODELS, ModelSpec, load_pipeline, resolve_dtype
+from harness.prompts import load_prompts
+from harness.run.config import Cell, RunConfig
+from harness.run.generate import call_kwargs, generate, image_seed
+from harness.run.store import CellStore
+from harness.stack import resolve_method
+from harness.steps import StepContext
+
+FAKE_FLOPS_ABOVE = 200_000_000  # parameters: count FLOPs under fake tensors above this size
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Prompts generated in one pipeline call, with their per-image seeds."""
+
+    indices: tuple[int, ...]
+    texts: tuple[str, ...]
+    seeds: tuple[int, ...]
+    guidance: float
+
+
+class PipelineCache:
+    """Keeps the last pipeline, so consecutive cells of one model build it once."""
+
+    def __init__(self) -> None:
+        self.key: tuple | None = None
+        self.pipe: Any = None
+
+    def get(self, spec: ModelSpec, cell: Cell) -> Any:
+        key = (cell.model, cell.weights, cell.dtype, cell.device)
+        if key != self.key:
+            self.pipe = None  # free the previous model first
+            if cell.device.startswith("cuda"):
+                torch.cuda.empty_cache()
+            self.pipe = load_pipeline(spec, cell.weights, resolve_dtype(cell.dtype), cell.device)
+            self.key = key
+        return self.pipe
+
+
+def plan_batches(cell: Cell, prompts: Any) -> list[Batch]:
+    """Consecutive prompts of equal guidance, batch_size at a time; seeds from (seed, index)."""
+    batches: list[Batch] = []
+    items = []
+    for i, p in enumerate(prompts.prompts[: cell.n_images]):
+        seed = p.seed if p.seed is not None else image_seed(cell.seed, i)
+        guidance = p.guidance if p.guidance is not None else cell.guidance
+        items.append((i, p.text, seed, guidance))
+    while items:
+        first = items[0][3]
+        chunk = [it for it in items[: cell.batch_size]]
+        chunk = chunk[: next((k for k, it in enumerate(chunk) if it[3] != first), len(chunk))]
+        batches.append(Batch(*map(tuple, zip(*[it[:3] for it in chunk])), guidance=first))
+        items = items[len(chunk):]
+    return batches
+
+
+@dataclass
+class CellRun:
+    """What one cell's phases share: the pipeline with the method applied, and its batches."""
+
+    cell: Cell
+    spec: ModelSpec
+    pipe: Any
+    ctx: StepContext
+    overrides: dict
+    batches: list[Batch]
+
+    def kwargs(self, batch: Batch) -> dict:
+        return call_kwargs(self.spec, batch.texts, batch.seeds, self.cell.steps, batch.guidance,
+                           self.cell.resolution, self.overrides)
+
+    def call(self, batch: Batch) -> torch.Tensor:
+        return generate(self.pipe, self.ctx, self.kwargs(batch))
+
+    @property
+    def effective_steps(self) -> int:
+        return int(self.overrides.get("num_inference_steps", self.cell.steps))
+
+
+def phase_images(run: CellRun) -> torch.Tensor:
+    """Generate every image of the cell (uint8 N x H x W x 3)."""
+    return torch.cat([run.call(batch) for batch in run.batches])
+
+
+def phase_timing(run: CellRun, repeats: int, warmup: int) -> list[Observation]:
+    """Warm-up calls, then `repeats` timed calls of the first batch."""
+    from metrics.latency import timed_call
+
+    batch = run.batches[0]
+    for _ in range(warmup):
+        run.call(batch)
+    out = []
+    for _ in range(repeats):
+        _, seconds = timed_call(lambda: run.call(batch), run.cell.device)
+        out.append(Observation(n_images=len(batch.texts), seconds=seconds,
+                               device=run.cell.device))
+    return out
+
+
+def phase_profile(run: CellRun) -> Observation:
+    """One call with stage timers and the peak-memory probe."""
+    from metrics.memory import peak_memory
+    from metrics.stages import stage_timer
+
+    batch = run.batches[0]
+    with peak_memory(run.cell.device) as mem, stage_timer(run.pipe, run.cell.device) as stages:
+        run.call(batch)
+    return Observation(n_images=len(batch.texts), stage_seconds=dict(stages.seconds),
+                       peak_bytes=mem.peak_bytes, memory_kind=mem.kind, device=run.cell.device)
+
+
+def phase_flops(run: CellRun, mode: str) -> Observation | None:
+    """FLOPs of a whole one-image generation (real run, or fake tensors for big models)."""
+    from metrics.flops import count_flops, count_flops_fake
+
+    if mode == "off":
+        return None
+    if mode == "auto":
+        n_params = sum(p.numel() for m in run.pipe.components.values()
+                       if isinstance(m, torch.nn.Module) for p in m.parameters())
+        mode = "fake" if n_params > FAKE_FLOPS_ABOVE else "real"
+    first = run.batches[0]
+    one = Batch(first.indices[:1], first.texts[:1], first.seeds[:1], first.guidance)
+
+    def call() -> Any:  # the bare call: no pixel checks, which fake tensors cannot answer
+        with torch.inference_mode():
+            return run.ctx.generate(run.pipe, **run.kwargs(one))
+
+    flops = count_flops_fake(call, pipe=run.pipe) if mode == "fake" else count_flops(call)
+    return Observation(n_images=1, flops=int(flops), device=run.cell.device)
+
+
+def phase_prepare(cell: Cell, mspec: Any, pipe: Any,
+                  method_config: Any) -> tuple[dict[str, Any], dict[str, float]]:
+    """Weights of training methods (loaded from the artifact cache, or trained and cached) and
+    the `train_s` column: the seconds their training took when it ran."""
+    if not mspec.prepares:
+        return {}, {}
+    from harness.prepare import ArtifactCache, PrepareData, prepare_artifacts, train_seconds
+
+    texts = tuple(load_prompts(cell.prompts).texts)
+    data = PrepareData(model=f"{cell.model}@{cell.weights}", prompts=texts, seed=cell.seed,
+                       device=cell.device, dataset=MODELS.get(cell.model).dataset)
+    cache = ArtifactCache()
+    artifacts = prepare_artifacts(mspec, pipe, method_config, data, cache)
+    seconds = train_seconds(mspec, method_config, data, cache)
+    return artifacts, ({} if seconds is None else {"train_s": seconds})
+
+
+def shard_batches(batches: list[Batch], n_shards: int) -> list[list[Batch]]:
+    """Contiguous, balanced groups of whole batches: images do not depend on the shard count."""
+    n = max(1, min(n_shards, len(batches)))
+    cuts = [round(k * len(batches) / n) for k in range(n + 1)]
+    return [batches[cuts[k]:cuts[k + 1]] for k in range(n)]
+
+
+def images_observation(cell: Cell, store: CellStore, prompts: Any, images: torch.Tensor,
+                       indices: list[int]) -> Observation:
+    """Images of prompts `indices` for quality metrics, with the baseline's when cached."""
+    baseline = None
+    if cell.baseline_key != cell.key and store.images_path(cell.baseline_key).exists():
+        baseline = torch.from_numpy(store.load_images(cell.baseline_key))[indices]
+    texts = [prompts.prompts[i].text for i in indices]
+    return Observation(n_images=len(images), images=images, prompts=texts,
+                       baseline_images=baseline, device=cell.device)
+
+
+def metric_states(names: tuple[str, ...], observations: list[Observation],
+                  context: MetricContext) -> dict[str, dict[str, Any]]:
+    """Each metric's state after every observation (mergeable across shards), or its note."""
+    states: dict[str, dict[str, Any]] = {}
+    for name in names:
+        try:
+            metric = METRICS.get(name).for_cell(context)
+        except MissingExtraError as exc:  # an optional package is absent: say so in the row
+            states[name] = {"__note__": str(exc)}
+            continue
+        for obs in observations:
+            metric.update(obs)
+        states[name] = metric.state()
+    return states
+
+
+def compute_metrics(names: tuple[str, ...], shard_states: list[dict[str, dict[str, Any]]],
+                    context: MetricContext) -> dict[str, Any]:
+    """Merge the shards' states of every metric in shard order; their columns and notes."""
+    columns: dict[str, Any] = {}
+    for name in names:
+        note = next((s[name]["__note__"] for s in shard_states if "__note__" in s[name]), None)
+        if note is not None:
+            columns[f"{name}_note"] = note
+            continue
+        metric = METRICS.get(name).for_cell(context)
+        for states in shard_states:
+            metric.merge_state(states[name])
+        columns.update(metric.compute())
+        kind = getattr(metric, "kind", None)
+        if isinstance(kind, str):
+            columns[f"{name}_kind"] = kind
+    return columns
+
+
+def derived_columns(columns: dict[str, Any], env: dict[str, str], dtype: str) -> dict[str, Any]:
+    """Achieved TFLOP/s and MFU from FLOPs per image and throughput."""
+    from harness.run.devices import peak_tflops
+    from metrics.flops import achieved_tflops, mfu
+
+    flops, ips = columns.get("flops_per_image"), columns.get("images_per_s")
+    if not flops or not ips:
+        return {}
+    achieved = achieved_tflops(flops * ips, 1.0)
+    peak = peak_tflops(env.get("device_name", ""), resolve_dtype(dtype))
+    return {"tflops_achieved": achieved, "mfu": mfu(flops * ips, 1.0, peak) if peak else None}
+
+
+def images_digest(images: torch.Tensor) -> str:
+    """sha256 of the uint8 images: equal digests mean bit-identical images."""
+    return hashlib.sha256(images.contiguous().numpy().tobytes()).hexdigest()[:16]
+
+
+def metric_context(cell: Cell, config: RunConfig, store: CellStore) -> MetricContext:
+    return MetricContext(cell=cell, spec=MODELS.get(cell.model), store=store,
+                         options=config.metric_options)
+
+
+def measure_shard(cell: Cell, config: RunConfig, pipes: PipelineCache, store: CellStore,
+                  shard: int = 0, n_shards: int = 1) -> dict[str, Any]:
+    """Images and metric states of one shard of a cell; shard 0 also measures speed, memory
+    and FLOPs. The method is removed again whatever happens."""
+    spec, mspec = MODELS.get(cell.model), resolve_method(cell.method)
+    prompts = load_prompts(cell.prompts, cell.n_images)
+    groups = shard_batches(plan_batches(cell, prompts), n_shards)
+    batches = groups[shard] if shard < len(groups) else []
+    observations: list[Observation] = []
+    pipe = pipes.get(spec, cell)
+    ctx = StepContext()
+    method_config = mspec.config(json.loads(cell.params))
+    artifacts, trained = phase_prepare(cell, mspec, pipe, method_config)
+    with mspec.apply(pipe, method_config, ctx, artifacts) as handle:
+        run = CellRun(cell, spec, pipe, ctx, dict(handle.call_kwargs), batches)
+        report = {**handle.report, **trained}
+        images = phase_images(run) if batches else torch.zeros(0, dtype=torch.uint8)
+        if shard == 0:
+            observations += phase_timing(run, config.timing.repeats, config.timing.warmup)
+            observations.append(phase_profile(run))
+            flops = phase_flops(run, config.timing.flops)
+            observations += [flops] if flops else []
+    indices = [i for b in batches for i in b.indices]
+    if batches:
+        observations.append(images_observation(cell, store, prompts, images, indices))
+    states = metric_states(config.metrics, observations, metric_context(cell, config, store))
+    return {"shard": shard, "images": images, "indices": indices, "states": states,
+            "effective_steps": run.effective_steps, "report": report}
+
+
+def finish_cell(cell: Cell, config: RunConfig, store: CellStore, env: dict[str, str],
+                shards: list[dict[str, Any]]) -> dict[str, Any]:
+    """Join the shards in order: save the images, merge metric states, derive columns."""
+    shards = sorted(shards, key=lambda s: s["shard"])
+    images = torch.cat([s["images"] for s in shards if len(s["indices"])])
+    store.save_images(cell.key, images)
+    context = metric_context(cell, config, store)
+    columns = compute_metrics(config.metrics, [s["states"] for s in shards], context)
+    columns.update(shards[0].get("report", {}))
+    columns.update(derived_columns(columns, env, cell.dtype))
+    spec = MODELS.get(cell.model)
+    random_weights = cell.weights == "none"
+    note = ("random weights: quality not measured" if random_weights and spec.has_quality
+            else "" if spec.has_quality else "toy model: quality not meaningful")
+    return {"metrics": columns, "effective_steps": shards[0]["effective_steps"],
+            "images_sha": images_digest(images), "note": note, "shards": len(shards)}
+
+
+def cell_record(cell: Cell, config: RunConfig, env: dict[str, str],
+                measure: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """A cell's record; a failure (exception, OOM, NaN images) becomes an error record."""
+    record = {"key": cell.key, "baseline_key": cell.baseline_key, "cell": cell.identity(),
+              "timing": dataclasses.asdict(config.timing), "environment": env}
+    try:
+        return {**record, "status": "ok", "error": "", **measure()}
+    except Exception as exc:  # noqa: BLE001 - any failure becomes a row; the grid goes on
+        if cell.device.startswith("cuda") and torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        return {**record, **error_fields(exc), "metrics": {}, "effective_steps": None,
+                "images_sha": "", "note": ""}
+
+
+def error_fields(exc: BaseException) -> dict[str, str]:
+    """A failure as record fields: `error`, its first line (the CSV column), and `traceback`,
+    the whole formatted traceback (kept in the cell JSON only)."""
+    message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return {"status": "error", "error": f"{type(exc).__name__}: {message}"[:500],
+            "traceback": "".join(traceback.format_exception(exc))}

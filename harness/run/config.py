@@ -1,0 +1,179 @@
+"""Run configuration: cell settings, the grid of cells, and suite files (TOML)."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import tomllib
+
+from harness import params as P
+from harness.errors import DiffbenchError
+from harness.metric import METRICS
+from harness.models import DTYPES, MODELS, weights_source
+from harness.stack import resolve_method
+
+SUITES_DIR = Path(__file__).resolve().parents[1] / "suites"
+GRID_KEYS = ("models", "prompts", "seeds")  # list-valued settings that span the grid
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Generation settings of a cell; None takes the model's default."""
+
+    model: str = P.param("tiny-sd", "registered model name")
+    weights: str = P.param("default", "'none' (random), a local folder or a hub id")
+    prompts: str = P.param("shapes", "prompt set name or file (.txt, .tsv/.csv, I2P .csv)")
+    n_images: int = P.param(8, "images per cell", low=1, high=1_000_000)
+    steps: int | None = P.param(None, "denoising steps (model default if unset)", low=1, high=1000)
+    guidance: float | None = P.param(None, "classifier-free guidance scale", low=0.0, high=100.0)
+    resolution: int | None = P.param(None, "image side in pixels", low=8, high=8192)
+    seed: int = P.param(0, "base seed; image i uses a hash of (seed, i)", low=0, high=2**31 - 1)
+    dtype: str = P.param("float32", "weights / activations dtype", choices=tuple(DTYPES))
+    device: str = P.param("auto", "'auto' (cuda when present), 'cpu', 'cuda', 'cuda:1', ...")
+    batch_size: int = P.param(4, "images per pipeline call", low=1, high=4096)
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One leaderboard row: a model x method x setting x prompt set x seed x device."""
+
+    model: str
+    weights: str
+    method: str
+    params: str  # canonical JSON of the method config
+    prompts: str
+    n_images: int
+    steps: int
+    guidance: float
+    resolution: int
+    seed: int
+    dtype: str
+    device: str
+    batch_size: int
+
+    @property
+    def key(self) -> str:
+        """Config hash: identifies the cell's results on disk and in leaderboards."""
+        return P.short_hash(dataclasses.asdict(self))
+
+    @property
+    def baseline_key(self) -> str:
+        """Key of the baseline cell with the same model and settings."""
+        return dataclasses.replace(self, method="baseline", params="{}").key
+
+    def identity(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class Timing:
+    """How performance is measured in each cell."""
+
+    repeats: int = P.param(3, "timed calls per cell (median, min, max)", low=1, high=1000)
+    warmup: int = P.param(1, "untimed calls before timing", low=0, high=100)
+    flops: str = P.param("auto", "FLOP counting: real run, fake tensors, auto (fake on GPU "
+                                 "models), off", choices=("auto", "real", "fake", "off"))
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything one run does: its cells and how they are measured."""
+
+    name: str
+    cells: tuple[Cell, ...]
+    timing: Timing = Timing()
+    metrics: tuple[str, ...] = ("latency", "stages", "memory", "flops", "fd_clip", "clip_score",
+                                "nsfw", "fidelity", "concept")
+    metric_options: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
+
+
+def resolve_device(device: str) -> str:
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def make_cell(settings: Settings, method: str, method_params: Mapping[str, Any]) -> Cell:
+    """Validate names and parameters now, so bad input fails before any work starts."""
+    spec, mspec = MODELS.get(settings.model), resolve_method(method)
+    config = mspec.config(method_params)
+    return Cell(
+        model=settings.model, weights=weights_source(spec, settings.weights), method=method,
+        params=P.canonical_json(P.as_dict(config)), prompts=settings.prompts,
+        n_images=settings.n_images, steps=settings.steps or spec.steps,
+        guidance=float(spec.guidance if settings.guidance is None else settings.guidance),
+        resolution=settings.resolution or spec.resolution, seed=settings.seed,
+        dtype=settings.dtype, device=resolve_device(settings.device),
+        batch_size=settings.batch_size,
+    )
+
+
+def expand_grid(defaults: Mapping[str, Any], methods: list[Mapping[str, Any]]) -> tuple[Cell, ...]:
+    """Cells = models x prompt sets x seeds x methods; list values span the grid."""
+    base = dict(defaults)
+    axes = {}
+    for plural, singular in zip(GRID_KEYS, ("model", "prompts", "seed")):
+        value = base.pop(plural, base.pop(singular, None))
+        if value is not None:
+            axes[singular] = value if isinstance(value, list) else [value]
+    cells = []
+    for combo in itertools.product(*axes.values()):
+        settings = P.build(Settings, {**base, **dict(zip(axes, combo))}, owner="settings")
+        for entry in methods:
+            entry = dict(entry)
+            name = entry.pop("name", None)
+            if name is None:
+                raise DiffbenchError("every [[methods]] entry needs a name")
+            extra = set(entry) - {"params"}
+            if extra:
+                raise DiffbenchError(f"[[methods]] '{name}' has unknown keys: {sorted(extra)}; "
+                                     "put method parameters under params")
+            cells.append(make_cell(settings, name, entry.get("params", {})))
+    seen: dict[str, Cell] = {}
+    for cell in cells:
+        seen.setdefault(cell.key, cell)  # identical cells collapse to one
+    return tuple(seen.values())
+
+
+def load_suite(path: str | Path, overrides: Mapping[str, Any] | None = None,
+               methods: list[Mapping[str, Any]] | None = None) -> RunConfig:
+    """Read a suite TOML; CLI overrides replace its defaults, CLI methods replace its methods."""
+    path = Path(path)
+    if not path.is_file() and (SUITES_DIR / f"{path}.toml").exists():
+        path = SUITES_DIR / f"{path}.toml"
+    try:
+        data = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise DiffbenchError(f"suite file not found: {path}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise DiffbenchError(f"suite file {path} is not valid TOML: {exc}") from None
+    unknown = set(data) - {"name", "defaults", "timing", "methods", "metrics", "metric_options"}
+    if unknown:
+        raise DiffbenchError(f"suite file {path}: unknown sections {sorted(unknown)}; "
+                             "use name, defaults, timing, methods, metrics, metric_options")
+    names = tuple(data.get("metrics", RunConfig.metrics))
+    options = data.get("metric_options", {})
+    for name in [*names, *options]:
+        METRICS.get(name)  # unknown metric names fail now, with a suggestion
+    defaults = {**data.get("defaults", {}), **(overrides or {})}
+    return RunConfig(
+        name=data.get("name", path.stem),
+        cells=expand_grid(defaults, methods or data.get("methods") or [{"name": "baseline"}]),
+        timing=P.build(Timing, data.get("timing"), owner="timing"),
+        metrics=names,
+        metric_options=options,
+    )
+
+
+def parse_method(text: str) -> dict[str, Any]:
+    """CLI method spec 'name' or 'name:key=value,key=value'."""
+    name, _, rest = text.partition(":")
+    assignments = [item for item in rest.split(",") if item.strip()]
+    return {"name": name.strip(), "params": P.parse_assignments(assignments, f"method '{name}'")}

@@ -1,0 +1,1 @@
+"""Helpers shared by several methods (no method registers here; ARCHITECTURE.md)."""
