@@ -24,7 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from harness.models import MODELS, load_pipeline  # noqa: E402
 from harness.run.config import load_suite  # noqa: E402
-from harness.run.generate import call_kwargs, image_seed  # noqa: E402
+from harness.run.generate import call_kwargs  # noqa: E402
+from harness.seeds import image_seed  # noqa: E402
 from harness.stack import resolve_method  # noqa: E402
 from harness.steps import StepContext  # noqa: E402
 from metrics.flops import count_flops_fake  # noqa: E402

@@ -27,7 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from harness.method import METHODS  # noqa: E402
 from harness.models import MODELS, load_pipeline, resolve_dtype  # noqa: E402
 from harness.run.config import RunConfig, Settings, Timing, make_cell  # noqa: E402
-from harness.run.generate import call_kwargs, generate, image_seed  # noqa: E402
+from harness.run.generate import call_kwargs, generate  # noqa: E402
+from harness.seeds import image_seed  # noqa: E402
 from harness.steps import StepContext  # noqa: E402
 from metrics.flops import count_flops, count_flops_fake  # noqa: E402
 from metrics.latency import timed_call  # noqa: E402

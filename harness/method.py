@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import importlib
-import pkgutil
 import sys
 import weakref
 from collections.abc import Callable, Mapping
@@ -14,7 +12,7 @@ import torch
 
 from harness import params as P
 from harness.errors import DiffbenchError
-from harness.registry import Registry
+from harness.registry import Registry, plugin_loader
 from harness.steps import StepContext
 
 _MISSING = object()
@@ -75,14 +73,7 @@ class MethodSpec:
         return list(dataclasses.fields(self.config_cls))
 
 
-def _load_all_methods() -> None:
-    import methods
-
-    for info in pkgutil.iter_modules(methods.__path__):
-        importlib.import_module(f"methods.{info.name}")
-
-
-METHODS: Registry[MethodSpec] = Registry("method", loader=_load_all_methods)
+METHODS: Registry[MethodSpec] = Registry("method", loader=plugin_loader("methods"))
 
 
 def register_method(name: str, touches: tuple[str, ...] = ()) -> Callable[[type], type]:

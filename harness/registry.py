@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import difflib
+import importlib
+import pkgutil
 from collections.abc import Callable, Iterator
 from typing import Generic, TypeVar
 
@@ -72,3 +74,15 @@ class Registry(Generic[T]):
 
     def __len__(self) -> int:
         return len(self.names())
+
+
+def plugin_loader(package: str) -> Callable[[], None]:
+    """A registry loader that imports every module of `package` (by name: a contract names the
+    plug-in package its registry discovers and never imports it statically)."""
+
+    def load() -> None:
+        root = importlib.import_module(package)
+        for info in pkgutil.iter_modules(root.__path__):
+            importlib.import_module(f"{package}.{info.name}")
+
+    return load

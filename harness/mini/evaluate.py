@@ -24,7 +24,7 @@ import torch
 
 from harness.mini import world
 from harness.mini.zeroshot import ATTRIBUTES, ZeroShot
-from harness.run.generate import image_seed
+from harness.seeds import image_seed
 
 
 def clip_accuracy(zs: ZeroShot, n: int = 2000, seed: int = 12345,

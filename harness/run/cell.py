@@ -18,8 +18,9 @@ from harness.metric import METRICS, MetricContext, Observation
 from harness.models import MODELS, ModelSpec, load_pipeline, resolve_dtype
 from harness.prompts import load_prompts
 from harness.run.config import Cell, RunConfig
-from harness.run.generate import call_kwargs, generate, image_seed
+from harness.run.generate import call_kwargs, generate
 from harness.run.store import CellStore
+from harness.seeds import image_seed
 from harness.stack import resolve_method
 from harness.steps import StepContext
 

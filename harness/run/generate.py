@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -11,12 +10,6 @@ import torch
 
 from harness.models import ModelSpec
 from harness.steps import StepContext
-
-
-def image_seed(base_seed: int, index: int) -> int:
-    """Seed of image `index` of a cell: a hash of (base seed, prompt index), 31 bits."""
-    digest = hashlib.sha256(f"diffbench:{base_seed}:{index}".encode()).digest()
-    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
 
 
 def to_uint8(images: Any) -> torch.Tensor:

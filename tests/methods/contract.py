@@ -11,7 +11,8 @@ import torch
 
 from harness.errors import DiffbenchError
 from harness.prepare import ArtifactCache, PrepareData, prepare_artifacts
-from harness.run.generate import call_kwargs, generate, image_seed
+from harness.run.generate import call_kwargs, generate
+from harness.seeds import image_seed
 from harness.stack import resolve_method
 from harness.steps import StepContext
 

@@ -7,6 +7,7 @@ from PIL import Image
 
 from harness.cli import main
 from harness.errors import DiffbenchError
+from harness.reporting import figures, tables
 from harness.reporting import report as rp
 
 DC3 = '{"branch":0,"center":0.3,"interval":3,"power":1.4,"schedule":"uniform"}'
@@ -37,83 +38,84 @@ def rows():
 
 # --- values ------------------------------------------------------------------------------
 def test_with_ci_gives_half_width_in_the_value_format(rows):
-    assert rp.with_ci(rows[0], "fd_clip") == "0.120000 ± 0.020000"
-    assert rp.with_ci(rows[1], "psnr") == "31.2000 ± 1.1000"
-    assert rp.with_ci(rows[1], "psnr", pm="+-") == "31.2000 +- 1.1000"
-    assert rp.with_ci(rows[2], "psnr") == "24.5000"  # no interval columns
-    assert rp.with_ci(rows[0], "psnr") == ""  # empty stays empty
+    assert tables.with_ci(rows[0], "fd_clip") == "0.120000 ± 0.020000"
+    assert tables.with_ci(rows[1], "psnr") == "31.2000 ± 1.1000"
+    assert tables.with_ci(rows[1], "psnr", pm="+-") == "31.2000 +- 1.1000"
+    assert tables.with_ci(rows[2], "psnr") == "24.5000"  # no interval columns
+    assert tables.with_ci(rows[0], "psnr") == ""  # empty stays empty
 
 
 def test_directions_come_from_metric_classes_with_a_fallback(monkeypatch):
     from harness.metric import METRICS
 
-    assert rp.higher_is_better("fd_clip") is False and rp.higher_is_better("fid") is False
-    assert rp.higher_is_better("clip_score") is True and rp.higher_is_better("ssim") is True
-    assert rp.higher_is_better("latency_s") is False
-    assert rp.higher_is_better("images_per_s") is True  # not the latency metric's direction
-    assert rp.higher_is_better("speedup") is True and rp.higher_is_better("flops_ratio") is False
-    assert rp.higher_is_better("no_such_column") is None
+    assert tables.higher_is_better("fd_clip") is False and tables.higher_is_better("fid") is False
+    assert tables.higher_is_better("clip_score") is True and tables.higher_is_better("ssim") is True
+    assert tables.higher_is_better("latency_s") is False
+    assert tables.higher_is_better("images_per_s") is True  # not the latency metric's direction
+    assert tables.higher_is_better("speedup") is True
+    assert tables.higher_is_better("flops_ratio") is False
+    assert tables.higher_is_better("no_such_column") is None
     monkeypatch.setattr(METRICS.get("fid"), "higher_is_better", True)
-    assert rp.higher_is_better("fid") is True  # read from the class, not the table
+    assert tables.higher_is_better("fid") is True  # read from the class, not the table
 
 
 def test_best_rows_respects_direction_ties_and_gaps(rows):
-    assert rp.best_rows(rows, "speedup", True) == {2}
-    assert rp.best_rows(rows, "latency_s", False) == {2}
-    assert rp.best_rows(rows, "fd_clip", False) == {0}
-    assert rp.best_rows(rows, "fd_clip", True) == {2}
-    assert rp.best_rows(rows, "psnr", True) == {1}  # the baseline's empty cell is skipped
-    assert rp.best_rows(rows, "speedup", None) == set()  # unknown direction: no bold
+    assert tables.best_rows(rows, "speedup", True) == {2}
+    assert tables.best_rows(rows, "latency_s", False) == {2}
+    assert tables.best_rows(rows, "fd_clip", False) == {0}
+    assert tables.best_rows(rows, "fd_clip", True) == {2}
+    assert tables.best_rows(rows, "psnr", True) == {1}  # the baseline's empty cell is skipped
+    assert tables.best_rows(rows, "speedup", None) == set()  # unknown direction: no bold
     tied = [make_row(x="1.5"), make_row(x="1.50"), make_row(x="2")]
-    assert rp.best_rows(tied, "x", False) == {0, 1}
-    assert rp.best_rows([make_row(x="1"), make_row(x="1")], "x", True) == set()
-    assert rp.best_rows([make_row(x="1"), make_row(x="")], "x", True) == set()
+    assert tables.best_rows(tied, "x", False) == {0, 1}
+    assert tables.best_rows([make_row(x="1"), make_row(x="1")], "x", True) == set()
+    assert tables.best_rows([make_row(x="1"), make_row(x="")], "x", True) == set()
 
 
 def test_latex_escape():
-    assert rp.latex_escape("a_b%c&d#e{f}") == r"a\_b\%c\&d\#e\{f\}"
-    assert rp.latex_escape(r"x\y$") == r"x\textbackslash{}y\$"
+    assert tables.latex_escape("a_b%c&d#e{f}") == r"a\_b\%c\&d\#e\{f\}"
+    assert tables.latex_escape(r"x\y$") == r"x\textbackslash{}y\$"
 
 
 def test_row_labels_hide_defaults_show_what_differs():
     rows = [make_row(), make_row("deepcache", DC3), make_row("deepcache", DC5),
             make_row("solver", '{"scheduler":"dpmpp","steps":5}')]
-    assert rp.row_labels(rows, DEFAULTS) == [
+    assert tables.row_labels(rows, DEFAULTS) == [
         "baseline", "deepcache interval=3,schedule=uniform",
         "deepcache interval=5,schedule=quadratic", "solver steps=5"]
-    assert rp.row_labels(rows[:2], DEFAULTS) == ["baseline", "deepcache"]
+    assert tables.row_labels(rows[:2], DEFAULTS) == ["baseline", "deepcache"]
     seeds = [make_row(seed="0"), make_row(seed="1")]
-    assert rp.row_labels(seeds) == ["baseline [seed=0]", "baseline [seed=1]"]
+    assert tables.row_labels(seeds) == ["baseline [seed=0]", "baseline [seed=1]"]
 
 
 def test_pareto_front_both_directions():
     pts = [(1.0, 0.12), (2.0, 0.15), (3.0, 0.21), (2.3, 0.25), (1.5, 0.30)]
-    assert rp.pareto_front(pts, higher_y=False) == [0, 1, 2]
-    assert rp.pareto_front(pts, higher_y=True) == [4, 3, 2]
-    assert rp.pareto_front([(1.0, 1.0), (1.0, 1.0), (0.5, 1.0)], True) == [0, 1]
-    assert rp.pareto_front([], True) == []
+    assert figures.pareto_front(pts, higher_y=False) == [0, 1, 2]
+    assert figures.pareto_front(pts, higher_y=True) == [4, 3, 2]
+    assert figures.pareto_front([(1.0, 1.0), (1.0, 1.0), (0.5, 1.0)], True) == [0, 1]
+    assert figures.pareto_front([], True) == []
 
 
 def test_ci_error_bars(rows):
-    below, above = rp.ci_errors(rows, [0, 1, 2], "fd_clip")
+    below, above = figures.ci_errors(rows, [0, 1, 2], "fd_clip")
     assert below == pytest.approx([0.02, 0.03, 0.0]) and above == pytest.approx([0.02, 0.04, 0.0])
 
 
 # --- tables ------------------------------------------------------------------------------
 def test_markdown_table_bold_ci_and_arrows(rows):
-    text = rp.markdown_table(rows, ["latency_s", "fd_clip", "psnr"])
+    text = tables.markdown_table(rows, ["latency_s", "fd_clip", "psnr"])
     lines = text.splitlines()
     assert lines[0] == "| method | params | steps | latency_s ↓ | fd_clip ↓ | psnr ↑ |"
     assert "**0.120000 ± 0.020000**" in lines[2]  # lower fd_clip wins: the baseline
     assert "**31.2000 ± 1.1000**" in lines[3] and "| 24.5000 |" in lines[4]
     assert "**0.100000**" in lines[4] and "**" not in lines[2].split("|")[4]
-    seeded = rp.markdown_table([make_row(seed="0"), make_row(seed="1")], [])
+    seeded = tables.markdown_table([make_row(seed="0"), make_row(seed="1")], [])
     assert seeded.splitlines()[0] == "| method | params | steps | seed |"
 
 
 def test_latex_table_booktabs_bold_and_escaping(rows):
     labels = ["base_line", "deep&cache", "solver steps=5"]
-    tex = rp.latex_table("sd_15", rows, ["speedup", "fd_clip", "psnr"], labels)
+    tex = tables.latex_table("sd_15", rows, ["speedup", "fd_clip", "psnr"], labels)
     for cmd in (r"\toprule", r"\midrule", r"\bottomrule", r"\begin{tabular}{lrrrr}"):
         assert tex.count(cmd) == 1
     body = tex.split(r"\midrule")[1].splitlines()[1:4]
@@ -128,18 +130,18 @@ def test_latex_table_booktabs_bold_and_escaping(rows):
 def test_failed_rows_listed_in_markdown_only(rows):
     bad = make_row("solver", '{"steps":7}', status="error", error="RuntimeError: boom | 50%")
     all_rows = [*rows, bad]
-    md = rp.markdown_report("run", all_rows, ["latency_s", "fd_clip"], {}, "pareto.png")
+    md = tables.markdown_report("run", all_rows, ["latency_s", "fd_clip"], {}, "pareto.png")
     assert "4 cells (1 failed)" in md
     assert "- solver `{\"steps\":7}`: RuntimeError: boom \\| 50%" in md
     assert "![speedup vs quality](pareto.png)" in md and "| device_name | AMD EPYC |" in md
     assert "| cuda | - |" in md
-    tex = rp.latex_document(all_rows, ["latency_s"], DEFAULTS)
+    tex = tables.latex_document(all_rows, ["latency_s"], DEFAULTS)
     assert "steps=7" not in tex
     assert len(tex.split(r"\midrule")[1].split(r"\bottomrule")[0].strip().splitlines()) == 3
 
 
 def test_environment_card_distinct_values():
-    card = rp.environment_card([make_row(torch="2.1"), make_row(torch="2.2"),
+    card = tables.environment_card([make_row(torch="2.1"), make_row(torch="2.2"),
                                 make_row(torch="2.1")])
     assert "| torch | 2.1, 2.2 |" in card and "| git_sha | - |" in card
 
