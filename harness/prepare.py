@@ -1,4 +1,6 @@
-"""Prepared artifacts: weights a method trains or calibrates before it is applied (DESIGN.md).
+"""Prepared artifacts: weights a method trains or calibrates before it is applied.
+
+See ARCHITECTURE.md, "How to add" (a method).
 
 A method module that defines `prepare(pipe, config, data) -> dict[str, Tensor]` is a *training*
 method: the runner calls `prepare` once per (model, weights, method, config), stores the returned

@@ -11,6 +11,7 @@ folder, so on a cluster it must be on a shared file system.
 from __future__ import annotations
 
 import os
+import traceback
 from collections.abc import Callable
 from typing import Any
 
@@ -40,6 +41,7 @@ def shard_task(cell: Cell, config: RunConfig, out_dir: str, shard: int,
     try:
         out = phases.measure_shard(cell, config, _PIPES, CellStore(out_dir), shard, n_shards)
     except Exception as exc:  # noqa: BLE001 - returned, so the driver writes an error row
+        exc.add_note(f"in the Ray worker (shard {shard}):\n{traceback.format_exc().rstrip()}")
         return {"shard": shard, "error": exc}
     out["environment"] = environment(cell.device) if shard == 0 else None
     return out

@@ -3,7 +3,6 @@
 import pytest
 import torch
 
-from harness import prompts
 from harness.mini import prompts as world_prompts
 from harness.mini import world
 

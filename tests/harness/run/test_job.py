@@ -120,6 +120,10 @@ def test_failing_cell_becomes_error_row_and_grid_goes_on(suite, tmp_path, monkey
                                                         progress=False))}
     assert rows["deepcache"]["status"] == "error"
     assert "out of memory" in rows["deepcache"]["error"]
+    assert "\n" not in rows["deepcache"]["error"] and "traceback" not in rows["deepcache"]
+    record = CellStore(tmp_path).read(rows["deepcache"]["config_hash"])
+    assert record["traceback"].startswith("Traceback (most recent call last)")
+    assert "in flaky" in record["traceback"] and "out of memory" in record["traceback"]
     assert rows["solver"]["status"] == "ok" and rows["baseline"]["status"] == "ok"
     monkeypatch.setattr(phases, "phase_images", real)  # a re-run retries the failed cell
     rows = {r["method"]: r for r in read_csv(job.run(load_suite(suite), tmp_path,

@@ -94,3 +94,27 @@ def test_unknown_backend_is_refused(tmp_path):
 
     with pytest.raises(DiffbenchError, match="unknown backend 'slurm'"):
         run_rows(tmp_path, "x", model="tiny-sd", backend="slurm")
+
+
+def test_a_failed_shard_keeps_the_worker_traceback(tmp_path, monkeypatch):
+    """A shard that raises in a worker becomes an error row whose cell JSON holds the worker's
+    traceback (the exception crosses processes without its frames, as a note)."""
+    import pickle
+
+    from harness.run import ray as ray_backend
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("shard exploded\nsecond line")
+
+    monkeypatch.setattr(phases, "measure_shard", broken)
+    path = tmp_path / "suite.toml"
+    path.write_text(SUITE.format(model="tiny-sd"))
+    config = load_suite(path)
+    cell = config.cells[0]
+    out = ray_backend.shard_task(cell, config, str(tmp_path), 0, 1)
+    out = pickle.loads(pickle.dumps(out))  # as Ray returns it
+    record = ray_backend._join(cell, config, CellStore(tmp_path), [out])
+    assert record["status"] == "error"
+    assert record["error"] == "RuntimeError: shard exploded"
+    assert "in the Ray worker (shard 0)" in record["traceback"]
+    assert "in broken" in record["traceback"]
