@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import difflib
 import importlib
 import pkgutil
 from collections.abc import Callable, Mapping
@@ -19,11 +20,27 @@ def _sum(a: Any, b: Any) -> Any:
     return a + b
 
 
+def _empty(value: Any) -> bool:
+    return value is None or (isinstance(value, str) and not value)
+
+
+def _same(a: Any, b: Any) -> Any:
+    """The one non-empty value of both sides (None and "" are empty), for scalar labels; two
+    different non-empty values do not merge (e.g. peak memory measured as the CUDA allocator
+    peak on one side and as process RSS on the other: their maximum would mean nothing)."""
+    if _empty(a):
+        return b
+    if _empty(b) or a == b:
+        return a
+    raise ValueError(f"cannot merge different values {a!r} and {b!r} of one state")
+
+
 REDUCTIONS: dict[str, Callable[[Any, Any], Any]] = {
     "sum": _sum,
     "max": max,
     "min": min,
     "cat": lambda a, b: list(a) + list(b),
+    "same": _same,
 }
 
 
@@ -60,11 +77,17 @@ class MetricContext:
 class Metric:
     """Base class: subclasses declare states with `add_state` and implement update/compute.
 
-    States merge exactly across shards with the declared reduction ("sum", "max", "min", "cat").
+    States merge exactly across shards with the declared reduction ("sum", "max", "min", "cat",
+    or "same": one value every shard agrees on, empty sides ignored). Everything `update`
+    observes lives in declared states; plain attributes hold only the configuration `for_cell`
+    builds, which the merging side rebuilds the same way.
+    `option_names`: the keys of the suite table `[metric_options.<name>]` the metric reads;
+    `check_metric_options` refuses any other key when the suite is loaded.
     """
 
     name: ClassVar[str] = ""
     higher_is_better: ClassVar[bool | None] = None
+    option_names: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self) -> None:
         self._defaults: dict[str, Any] = {}
@@ -118,6 +141,35 @@ def _load_all_metrics() -> None:
 
 
 METRICS: Registry[type[Metric]] = Registry("metric", loader=_load_all_metrics)
+
+
+def check_metric_options(options: Any) -> None:
+    """Refuse, in one line, a suite's `[metric_options]` that names an unknown metric, is not a
+    table of tables, or gives a metric an option it does not read (`Metric.option_names`)."""
+    from harness.errors import DiffbenchError
+
+    if not isinstance(options, Mapping):
+        raise DiffbenchError(f"[metric_options] must be a table of [metric_options.<metric>] "
+                             f"tables, got {type(options).__name__}")
+    for name, table in options.items():
+        cls = METRICS.get(name)  # unknown metric names fail with a suggestion
+        allowed = ", ".join(cls.option_names) or "none"
+        if not isinstance(table, Mapping):
+            raise DiffbenchError(f"[metric_options] {name} = {_short(table)} is not a table: "
+                                 f"write [metric_options.{name}] with its options "
+                                 f"(allowed: {allowed})")
+        for key in table:
+            if key in cls.option_names:
+                continue
+            close = difflib.get_close_matches(str(key), cls.option_names, n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            raise DiffbenchError(f"[metric_options.{name}] has unknown option '{key}'{hint} "
+                                 f"(metric '{name}' options: {allowed})")
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = " ".join(repr(value).split())
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def register_metric(name: str) -> Callable[[type[Metric]], type[Metric]]:

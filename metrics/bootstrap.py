@@ -92,10 +92,11 @@ def quality_skip_reason(context: Any) -> str:
 
 
 def metric_options(context: Any, name: str) -> Mapping[str, Any]:
-    """The `[metrics.<name>]` options of the run for this metric (empty when none are given).
+    """The `[metric_options.<name>]` options of the run for this metric (empty when none).
 
-    Read from `context.options[name]` when the MetricContext carries an `options` mapping
-    (proposed: the suite's `[metrics.<name>]` tables); empty otherwise.
+    Read from `context.options[name]` (MetricContext.options: the suite's
+    `[metric_options.<name>]` tables, whose keys load_suite checked against the metric's
+    `option_names`); empty when the context carries no options.
     """
     options = getattr(context, "options", None) or {}
     value = options.get(name, {}) if isinstance(options, Mapping) else {}

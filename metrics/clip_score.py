@@ -4,10 +4,11 @@
 per-pair form whenever no pair has a negative cosine. We follow the code, so numbers match.)
 
 Embeddings are computed here through transformers (torchmetrics 1.9's CLIPScore breaks on
-transformers 5, see ENVIRONMENT.md): the projected image / text embeddings
+transformers 5, see ARCHITECTURE.md): the projected image / text embeddings
 (`get_image_features` / `get_text_features`). The embedded model (mini-sd) is scored with its
 own mini-CLIP; other models with a transformers CLIP by name or local path
 (default openai/clip-vit-base-patch32, as MLPerf). The model is named in `clip_model`.
+Options (`[metric_options.clip_score]`): `clip_model` (hub id, local folder or "mini-clip").
 """
 
 from __future__ import annotations
@@ -163,7 +164,8 @@ def hf_clip_backend(name_or_path: str = DEFAULT_CLIP, device: str = "cpu") -> Cl
 
 
 def load_backend(context: MetricContext, metric: str) -> ClipBackend:
-    """mini-CLIP for the embedded model; else `[metrics.<metric>] clip_model` or the default."""
+    """mini-CLIP for the embedded model; else `[metric_options.<metric>] clip_model` or the
+    default."""
     opts = metric_options(context, metric)
     device = getattr(context.cell, "device", "cpu")
     name = opts.get("clip_model")
@@ -190,6 +192,7 @@ class CLIPScore(Metric):
     """Mean CLIP score of images against their prompts, bootstrap CI, CLIP model named."""
 
     higher_is_better = True
+    option_names = ("clip_model",)
 
     def __init__(self, backend: ClipBackend | None = None, note: str = "") -> None:
         super().__init__()

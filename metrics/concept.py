@@ -1,15 +1,17 @@
 """Concept ratio: share of images in which a named concept is still detected, by zero-shot
 CLIP (the concept prompt against contrast prompts), for concept-erasure methods.
 
-A cell gets a value only when a concept is named: `[metrics.concept] concept = "..."` in the
-run options (every cell, baseline included, so the ratio before erasure sits next to the ratio
-after), or a `concept` / `erase` key in the cell's method params (that cell only).
+A cell gets a value only when a concept is named: `[metric_options.concept] concept = "..."`
+in the run options (every cell, baseline included, so the ratio before erasure sits next to the
+ratio after), or a `concept` / `erase` key in the cell's method params (that cell only).
 Detection: softmax over logit_scale * cos(image, prompt) across [concept, *contrasts]; the image
 counts when the concept prompt has the highest probability and at least `min_prob` (0 default).
+Options (`[metric_options.concept]`): `concept`, `contrasts` (list of prompts), `template`
+("{}" is the concept or contrast), `min_prob`, `clip_model` (as for clip_score).
 On the embedded mini-sd, a concept that is one of the world's colours or shapes ("red",
 "circle") is detected by mini-CLIP zero-shot over all world captions, marginalised to that
-attribute (harness.mini.evaluate.ZeroShot: 99.9% colour / 96% shape accuracy on real images): a
-single word is a poor prompt for mini-CLIP's word-level causal text tower.
+attribute (harness.mini.zeroshot.ZeroShot): a single word is a poor prompt for mini-CLIP's
+word-level causal text tower.
 """
 
 from __future__ import annotations
@@ -98,6 +100,7 @@ class ConceptRatio(Metric):
     """Share of images where the concept is detected (zero-shot), CI, concept and model named."""
 
     higher_is_better = False
+    option_names = ("clip_model", "concept", "contrasts", "min_prob", "template")
 
     def __init__(self, backend: Any = None, concept: str = "",
                  contrasts: Sequence[str] = CONTRASTS, template: str = TEMPLATE,

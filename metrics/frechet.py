@@ -101,7 +101,7 @@ class Reference:
 
     @property
     def root(self) -> np.ndarray:
-        """sigma^(1/2), memoised per process by content (a 2048-d eigh takes seconds)."""
+        """sigma^(1/2), memoised per process by content (a 2048-d eigh is costly)."""
         if self._root is None:
             key = hashlib.sha256(self.sigma.tobytes()).hexdigest()
             if key not in _ROOTS:
@@ -319,12 +319,13 @@ class FrechetMetric(Metric):
 class FID(FrechetMetric):
     """FID: the TF 2015-12-05 Inception-v3 pool features (pytorch-fid weight file).
 
-    Options (`[metrics.fid]`): `weights` (file), `reference` (.npz with mu / sigma, else
+    Options (`[metric_options.fid]`): `weights` (file), `reference` (.npz with mu / sigma, else
     $DIFFBENCH_FID_REF; for the embedded model the world images are the default reference),
     `resize` ("clean" default, or "legacy_pytorch").
     """
 
     column = "fid"
+    option_names = ("reference", "resize", "weights")
 
     @classmethod
     def for_cell(cls, context: MetricContext) -> FID:
@@ -350,7 +351,7 @@ class FID(FrechetMetric):
                                          lambda: ext(world_reference_images()))
         else:
             reference = None
-            note = (f"no reference statistics: give [metrics.fid] reference = 'stats.npz' "
+            note = (f"no reference statistics: give [metric_options.fid] reference = 'stats.npz' "
                     f"(mu, sigma) or ${REFERENCE_ENV}")
         return cls(ext, reference, extractor_name=ext.name, resize=resize, note=note)
 
@@ -358,9 +359,13 @@ class FID(FrechetMetric):
 @register_metric("fd_clip")
 class FDClip(FrechetMetric):
     """Frechet distance on the embedded mini-CLIP's image embeddings (L2-normalised), against
-    real images of the procedural world; only for the embedded model (mini-sd)."""
+    real images of the procedural world; only for the embedded model (mini-sd).
+
+    Options (`[metric_options.fd_clip]`): `clip_model` (as for clip_score; mini-CLIP default).
+    """
 
     column = "fd_clip"
+    option_names = ("clip_model",)
 
     @classmethod
     def for_cell(cls, context: MetricContext) -> FDClip:

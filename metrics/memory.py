@@ -8,10 +8,11 @@ import os
 import resource
 import sys
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 
-from harness.metric import Metric, Observation, register_metric
+from harness.metric import REDUCTIONS, Metric, Observation, register_metric
 
 CLEAR_REFS = "/proc/self/clear_refs"
 STATUS = "/proc/self/status"
@@ -75,34 +76,32 @@ def peak_memory(device: str) -> Iterator[MemoryReading]:
 
 @register_metric("memory")
 class PeakMemory(Metric):
-    """Largest peak memory over the calls, in MiB; `kind` says what was measured."""
+    """Largest peak memory over the calls, in MiB, and `memory_kind`: what was measured.
+
+    States: `peak_bytes` (merged by max) and `kind` (merged by "same": shards that measured
+    memory must have measured the same kind, since a maximum over a CUDA allocator peak and a
+    process RSS would mean nothing; shards that measured nothing leave it empty).
+    """
 
     higher_is_better = False
 
     def __init__(self) -> None:
         super().__init__()
         self.add_state("peak_bytes", None, reduce="max")
-        self.kind = ""
+        self.add_state("kind", "", reduce="same")
 
     def update(self, obs: Observation) -> None:
         if obs.peak_bytes is None:
             return
         value = int(obs.peak_bytes)
         self.peak_bytes = value if self.peak_bytes is None else max(self.peak_bytes, value)
-        self.kind = obs.memory_kind or self.kind or _default_kind(obs.device)
+        kind = obs.memory_kind or self.kind or _default_kind(obs.device)
+        self.kind = REDUCTIONS["same"](self.kind, kind)
 
-    def merge(self, other: Metric) -> None:
-        super().merge(other)
-        self.kind = self.kind or getattr(other, "kind", "")
-
-    def reset(self) -> None:
-        super().reset()
-        self.kind = ""
-
-    def compute(self) -> dict[str, float | None]:
+    def compute(self) -> dict[str, Any]:
         if self.peak_bytes is None:
             return {"peak_mem_mb": None}
-        return {"peak_mem_mb": round(self.peak_bytes / 2**20, 1)}
+        return {"peak_mem_mb": round(self.peak_bytes / 2**20, 1), "memory_kind": self.kind}
 
 
 def _default_kind(device: str) -> str:

@@ -6,6 +6,7 @@ image counts are kept as a JSON column (`nsfw_counts`).
 Pinned choices: images go to `NudeDetector.detect` at their own resolution as H x W x 3 BGR
 uint8 arrays (the channel order cv2 / NudeNet expect; NudeNet pads to a square and resizes to
 320 itself); an image is NSFW when any class of NSFW_CLASSES scores >= threshold (0.6).
+Options (`[metric_options.nsfw]`): `threshold`, `classes` (list of NudeNet class names).
 """
 
 from __future__ import annotations
@@ -73,6 +74,7 @@ class NSFWRatio(Metric):
     """Share of NSFW images (NudeNet), bootstrap CI, per-class counts, pinned settings."""
 
     higher_is_better = False
+    option_names = ("classes", "threshold")
 
     def __init__(self, threshold: float = THRESHOLD, classes: tuple[str, ...] = NSFW_CLASSES,
                  detector: Any = None, detector_name: str = "", skipped: bool = False) -> None:
@@ -92,11 +94,6 @@ class NSFWRatio(Metric):
         opts = metric_options(context, "nsfw")
         return cls(threshold=float(opts.get("threshold", THRESHOLD)),
                    classes=tuple(opts.get("classes", NSFW_CLASSES)))
-
-    def merge(self, other: Metric) -> None:
-        self.flags = list(self.flags) + list(other.flags)
-        self.counts = {c: self.counts.get(c, 0) + other.counts.get(c, 0)
-                       for c in sorted(set(self.counts) | set(other.counts))}
 
     def update(self, obs: Observation) -> None:
         if self.skipped or obs.images is None:

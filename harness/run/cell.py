@@ -212,9 +212,6 @@ def compute_metrics(names: tuple[str, ...], shard_states: list[dict[str, dict[st
         for states in shard_states:
             metric.merge_state(states[name])
         columns.update(metric.compute())
-        kind = getattr(metric, "kind", None)
-        if isinstance(kind, str):
-            columns[f"{name}_kind"] = kind
     return columns
 
 

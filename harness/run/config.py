@@ -160,8 +160,11 @@ def load_suite(path: str | Path, overrides: Mapping[str, Any] | None = None,
                              "use name, defaults, timing, methods, metrics, metric_options")
     names = tuple(data.get("metrics", RunConfig.metrics))
     options = data.get("metric_options", {})
-    for name in [*names, *options]:
+    for name in names:
         METRICS.get(name)  # unknown metric names fail now, with a suggestion
+    from harness.metric import check_metric_options
+
+    check_metric_options(options)  # metric names, tables, option names (Metric.option_names)
     defaults = {**data.get("defaults", {}), **(overrides or {})}
     return RunConfig(
         name=data.get("name", path.stem),
