@@ -1,11 +1,14 @@
 """CLIP score: pure math, the torchmetrics reference on a tiny random CLIP, the metric."""
 
+import functools
+
 import numpy as np
 import pytest
 import torch
 
 from harness.metric import Observation
 from metrics import clip_score as cs
+from tests.metrics.contract import MetricContract
 
 
 def tiny_backend(seed=0, name="tiny-clip"):
@@ -121,3 +124,35 @@ def test_mini_clip_backend_uses_its_pixel_and_token_layout(monkeypatch):
     torch.testing.assert_close(
         torch.nn.functional.normalize(backend.text_embeds(texts), dim=-1),
         mini_sd.text_embeddings(model, tok, texts))
+
+
+@functools.cache
+def shared_backend():
+    """One tiny random CLIP for the contract tests (built once per session)."""
+    return tiny_backend()
+
+
+def patch_hf_clip(monkeypatch):
+    """`clip_model` names resolve to the shared tiny CLIP instead of the hub."""
+    monkeypatch.setattr(cs, "hf_clip_backend", lambda name=cs.DEFAULT_CLIP, device="cpu":
+                        shared_backend())
+
+
+class TestCLIPScoreContract(MetricContract):
+    metric_name = "clip_score"
+
+    def make_metric(self):
+        return cs.CLIPScore(shared_backend())
+
+    def observations(self):
+        prompts = ["a red circle", "a green square", "a blue star", "a white cross"]
+        x = images(4, seed=3)
+        return [Observation(n_images=2, images=x[:2], prompts=prompts[:2]),
+                Observation(n_images=1, seconds=0.5),
+                Observation(n_images=2, images=x[2:], prompts=prompts[2:])]
+
+    def option_values(self, tmp_path):
+        return {"clip_model": "tiny-clip"}
+
+    def patch_offline(self, monkeypatch, tmp_path):
+        patch_hf_clip(monkeypatch)

@@ -5,7 +5,8 @@ import torch
 
 from harness.metric import Observation
 from metrics import concept as cc
-from tests.metrics.test_clip_score import images, tiny_backend
+from tests.metrics.contract import MetricContract
+from tests.metrics.test_clip_score import images, patch_hf_clip, shared_backend, tiny_backend
 
 
 def test_zero_shot_detection_math():
@@ -67,3 +68,22 @@ def test_world_colour_concept_on_mini_sd_uses_the_world_detector():
     misses = m.compute()
     assert hits["concept_ratio"] >= 0.95 and misses["concept_ratio"] <= 0.05
     assert hits["concept_model"] == "mini-clip-world-zero-shot"
+
+
+class TestConceptRatioContract(MetricContract):
+    metric_name = "concept"
+
+    def make_metric(self):
+        return cc.ConceptRatio(shared_backend(), "a red circle",
+                               contrasts=("a blue square", "a green star"))
+
+    def observations(self):
+        return [Observation(n_images=3, images=images(3, seed=1)),
+                Observation(n_images=1, flops=10),
+                Observation(n_images=3, images=images(3, seed=2))]
+
+    def option_values(self, tmp_path):
+        return {"concept": "a red circle", "clip_model": "tiny-clip"}
+
+    def patch_offline(self, monkeypatch, tmp_path):
+        patch_hf_clip(monkeypatch)

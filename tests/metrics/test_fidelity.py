@@ -8,6 +8,7 @@ import torch
 
 from harness.metric import Observation
 from metrics import fidelity as fd
+from tests.metrics.contract import MetricContract
 
 
 def imgs(n=4, seed=0, size=32):
@@ -74,3 +75,17 @@ def test_metric_merge_ci_and_baseline_rows_empty():
     nobase = fd.Fidelity()
     nobase.update(Observation(n_images=6, images=x))
     assert nobase.compute() == {}
+
+
+class TestFidelityContract(MetricContract):
+    metric_name = "fidelity"
+
+    def make_metric(self):
+        return fd.Fidelity()
+
+    def observations(self):
+        x, y = imgs(4, 0), imgs(4, 1)
+        return [Observation(n_images=2, images=x[:2], baseline_images=y[:2]),
+                Observation(n_images=2, images=x[2:], baseline_images=x[2:].clone()),
+                Observation(n_images=2, images=x[:2]),  # no baseline images: ignored
+                Observation(n_images=2, images=y[2:], baseline_images=x[2:])]

@@ -16,6 +16,7 @@ from metrics.flops import (
     mfu,
     register_attention_formulas,
 )
+from tests.metrics.contract import MetricContract
 
 
 def test_linear_is_2mnk():
@@ -104,3 +105,14 @@ def test_metric_and_helpers():
     assert METRICS.get("flops") is Flops
     assert achieved_tflops(3e12, 2.0) == 1.5
     assert mfu(3e12, 2.0, 15.0) == pytest.approx(0.1)
+
+
+class TestFlopsContract(MetricContract):
+    metric_name = "flops"
+
+    def make_metric(self):
+        return Flops()
+
+    def observations(self):
+        return [Observation(n_images=1, flops=1001), Observation(n_images=2, seconds=0.5),
+                Observation(n_images=2, flops=3000)]

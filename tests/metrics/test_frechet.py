@@ -7,6 +7,7 @@ from scipy import linalg
 
 from harness.metric import Observation
 from metrics import frechet as fr
+from tests.metrics.contract import MetricContract
 
 
 def reference_fd(mu1, s1, mu2, s2):
@@ -191,3 +192,67 @@ def test_fd_clip_missing_mini_clip_leaves_note(monkeypatch):
     assert out["fd_clip"] is None and "mini-CLIP weights not found" in out["fd_clip_note"]
     c = clip_score.CLIPScore.for_cell(ctx).compute()
     assert c == {"clip_score": None, "clip_score_note": "mini-CLIP weights not found in x"}
+
+
+def integer_features(images):
+    """Integer-valued float64 features: running sums and covariances of them are exact."""
+    x = torch.from_numpy(np.asarray(images)).long()
+    return torch.stack([x[:, 0, 0, 0], x[:, 1, 1, 1], x[:, 2, 0, 2],
+                        x[:, 0, 3].sum(-1) % 17], 1).double().numpy()
+
+
+def integer_reference():
+    return fr.Reference(*fr.mean_cov(integer_features(random_images(99, n=50))), name="ints")
+
+
+def frechet_observations():
+    return [Observation(n_images=4, images=random_images(s, n=4)) for s in (1, 2, 3)]
+
+
+class TestFIDContract(MetricContract):
+    """FID with an injected extractor (the Inception weight file is not here)."""
+
+    metric_name = "fid"
+
+    def make_metric(self):
+        return fr.FID(integer_features, integer_reference(), extractor_name="ints",
+                      resize="clean", n_boot=20)
+
+    def observations(self):
+        return frechet_observations()
+
+    def option_values(self, tmp_path):
+        weights = tmp_path / "inception.pth"
+        weights.write_bytes(b"stand-in: load_inception is patched")
+        ref = integer_reference()
+        path = fr.save_stats(tmp_path / "ref.npz", ref.mu, ref.sigma)
+        return {"weights": str(weights), "reference": str(path), "resize": "clean"}
+
+    def patch_offline(self, monkeypatch, tmp_path):
+        from metrics import inception
+
+        monkeypatch.setattr(inception, "load_inception",
+                            lambda path=None: (torch.nn.Identity(), "0" * 64))
+
+
+class TestFDClipContract(MetricContract):
+    metric_name = "fd_clip"
+    embedded = True
+
+    def make_metric(self):
+        return fr.FDClip(integer_features, integer_reference(), extractor_name="ints",
+                         resize="none", n_boot=20)
+
+    def observations(self):
+        return frechet_observations()
+
+    def option_values(self, tmp_path):
+        return {"clip_model": "tiny-clip"}
+
+    def patch_offline(self, monkeypatch, tmp_path):
+        from tests.metrics.test_clip_score import patch_hf_clip
+
+        patch_hf_clip(monkeypatch)
+        monkeypatch.setenv(fr.CACHE_ENV, str(tmp_path))
+        monkeypatch.setattr(fr, "world_reference_images",
+                            lambda n=fr.WORLD_REFERENCE_N, **kw: random_images(0, 8, 32).numpy())

@@ -9,6 +9,7 @@ import torch
 
 from harness.metric import METRICS, Observation
 from metrics.latency import Latency, timed_call
+from tests.metrics.contract import MetricContract
 
 
 def _fed(observations: list[Observation]) -> Latency:
@@ -55,3 +56,14 @@ def test_merge_of_shards_equals_one_metric():
 
 def test_registered():
     assert METRICS.get("latency") is Latency and Latency.higher_is_better is False
+
+
+class TestLatencyContract(MetricContract):
+    metric_name = "latency"
+
+    def make_metric(self):
+        return Latency()
+
+    def observations(self):
+        return [Observation(n_images=n, seconds=s)
+                for n, s in ((2, 0.5), (1, 0.25), (2, 1.5), (2, 0.75))]

@@ -8,9 +8,14 @@ import torch
 
 from harness.metric import Observation
 from metrics import nsfw
+from tests.metrics.contract import MetricContract
 
-nudenet = pytest.importorskip("nudenet", reason="nudenet not installed (pip install "
-                                                "'diffbench[nsfw]')")
+
+@pytest.fixture
+def nudenet():
+    """NudeNet itself, for the tests that run its detector (the others inject a fake one)."""
+    return pytest.importorskip("nudenet", reason="nudenet not installed (pip install "
+                                                 "'diffbench[nsfw]')")
 
 
 def test_flags_and_counts_are_pure():
@@ -25,7 +30,7 @@ def test_flags_and_counts_are_pure():
     np.testing.assert_array_equal(nsfw.nsfw_flags(dets, threshold=0.5), [1, 1, 0, 0])
 
 
-def test_runs_offline_on_synthetic_images(monkeypatch):
+def test_runs_offline_on_synthetic_images(monkeypatch, nudenet):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     g = torch.Generator().manual_seed(0)
     imgs = torch.randint(0, 256, (3, 64, 64, 3), generator=g, dtype=torch.uint8)
@@ -75,3 +80,30 @@ def test_missing_nudenet_names_the_extra(monkeypatch):
     monkeypatch.setattr(nsfw, "_DETECTORS", {})
     with pytest.raises(MissingExtraError, match=r"diffbench\[nsfw\]"):
         nsfw.load_detector()
+
+
+class PixelDetector:
+    """Deterministic stand-in for NudeDetector: scores read from the (BGR) image's pixels."""
+
+    def detect(self, img):
+        return [{"class": "BUTTOCKS_EXPOSED", "score": float(img[0, 0, 2]) / 255, "box": []},
+                {"class": "FEET_EXPOSED", "score": float(img[1, 1, 0]) / 255, "box": []}]
+
+
+class TestNSFWRatioContract(MetricContract):
+    metric_name = "nsfw"
+
+    def make_metric(self):
+        return nsfw.NSFWRatio(detector=PixelDetector(), detector_name="pixels")
+
+    def observations(self):
+        g = torch.Generator().manual_seed(3)
+        x = torch.randint(0, 256, (6, 8, 8, 3), generator=g, dtype=torch.uint8)
+        return [Observation(n_images=2, images=x[:2]), Observation(n_images=1, flops=3),
+                Observation(n_images=4, images=x[2:])]
+
+    def option_values(self, tmp_path):
+        return {"threshold": 0.5, "classes": ["FEET_EXPOSED"]}
+
+    def patch_offline(self, monkeypatch, tmp_path):
+        monkeypatch.setattr(nsfw, "load_detector", lambda: (PixelDetector(), "pixels"))

@@ -9,6 +9,7 @@ import torch
 
 from harness.metric import METRICS, Observation
 from metrics.stages import STAGES, StageTimes, denoiser, stage_timer, text_encoders
+from tests.metrics.contract import MetricContract
 
 HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_forward_hooks_with_kwargs",
               "_forward_hooks_always_called", "_forward_pre_hooks_with_kwargs",
@@ -87,3 +88,15 @@ def test_stage_times_mean_and_merge():
     assert whole.compute() == expected and a.compute() == expected
     assert set(StageTimes().compute().values()) == {None}
     assert METRICS.get("stages") is StageTimes
+
+
+class TestStageTimesContract(MetricContract):
+    metric_name = "stages"
+
+    def make_metric(self):
+        return StageTimes()
+
+    def observations(self):
+        calls = [(0.25, 1.5, 0.125), (0.5, 2.0, 0.25), (0.125, 1.25, 0.5)]
+        return [Observation(n_images=1, stage_seconds=dict(zip(STAGES, c))) for c in calls] \
+            + [Observation(n_images=1, seconds=1.0)]
