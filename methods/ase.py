@@ -10,7 +10,7 @@ training timesteps instead of the sampling steps: at timestep t the deepest k(t)
 skipped, k = drop_max at t = T - 1 falling to 0 over the noisiest `until` fraction of the
 timesteps (linearly, or as a step); all blocks run below (defaults: 3 units, noisiest 80 %, the
 shape of the released demo schedule, which keeps every block only for t < 200). Units are the
-UNet's removable resnet+attention pairs deepest first (`unet_blocks.depth_order`: mid block,
+UNet's removable resnet+attention pairs deepest first (`_common/unet.depth_order`: mid block,
 then level by level from the innermost, down pairs then the mirrored up pairs), skipped so that
 skip connections keep valid shapes. The schedule is a function of the timestep value the UNet
 receives, not of the step index: training draws random timesteps, and the same noise level must
@@ -23,19 +23,14 @@ Fine-tuning (`prepare`): a copy of the UNet with the time embedding frozen (as t
 code does) is trained with AdamW on the epsilon loss at each sample's exit depth (`target =
 "noise"`, the paper's data loss with lambda_t = 1), or on distillation from the full-depth
 UNet (`target = "teacher"`). A batch mixing timesteps runs once per distinct depth. Data
-(`data`, see methods/unet_blocks.py): the model's real training images when it has some
+(`data`, see methods/_common/pool.py): the model's real training images when it has some
 offline (mini-sd: its world, VAE-encoded; the paper trains on real images), otherwise
 data-free x_0 latents the unchanged model generates from the training prompts with a few DDIM
 steps; 10 % of samples are conditioned on "" so that the unconditional branch of
 classifier-free guidance is trained at reduced depth too.
 Paper recipe (released code): DiT-XL/2 on ImageNet 256 (the paper also fine-tunes U-ViT),
 full-weight fine-tuning from the pretrained model, real training images, AdamW lr 1e-5, global
-batch 64, EMA 0.9999. Ours by default: 300 steps, lr 3e-5, batch 16 on 256 latents, no EMA
-(~1 CPU-minute on mini-sd). Measured on mini-sd (2 units skipped over the noisiest 80 % of the
-timesteps, 64 images, 25 DDIM steps; CLIP score / fd_clip / PSNR to the full model's images):
-schedule only 76.1 / 0.114 / 22.4 dB; fine-tuned on teacher-generated latents (epsilon loss)
-69.2 / 0.119 / 21.8 (the 10-step generations are poor targets); on real world images 75.4 /
-0.103 / 23.2; `target = "teacher"` on real images 76.8 / 0.093 / 24.8 (baseline 79.6 / 0.102).
+batch 64, EMA 0.9999. Ours by default: 300 steps, lr 3e-5, batch 16 on 256 latents, no EMA.
 Deviations: UNet pairs instead of DiT / U-ViT transformer blocks (transformer pipelines are
 refused: `block_drop` drops their blocks without training); no EMA at this small budget.
 """
@@ -53,9 +48,9 @@ from harness.method import MethodHandle, register_method
 from harness.params import param
 from harness.prepare import PrepareData
 from harness.steps import StepContext
-from methods import unet_blocks as ub
+from methods._common import pool as pools
 from methods._common import training as finetune
-from methods.block_drop import drop_count
+from methods._common import unet as U
 
 TABLE = "ase.drop_table"  # artifact key: units skipped at each training timestep
 
@@ -80,14 +75,14 @@ class ASEConfig:
     data_size: int = param(256, "x_0 latents in the training pool",
                            low=1, high=1_000_000)
     data_steps: int = param(10, "DDIM steps of each teacher generation", low=1, high=1000)
-    data: str = param("auto", ub.DATA_DOC, choices=ub.DATA_CHOICES)
+    data: str = param("auto", pools.DATA_DOC, choices=pools.DATA_CHOICES)
 
 
 def drop_table(num_train_timesteps: int, drop_max: int, schedule: str,
                until: float) -> torch.Tensor:
     """k(t) for every training timestep t: block_drop's schedule with step = T - 1 - t."""
     T = num_train_timesteps
-    return torch.tensor([drop_count(T - 1 - t, T, drop_max, schedule, until) for t in range(T)],
+    return torch.tensor([U.drop_count(T - 1 - t, T, drop_max, schedule, until) for t in range(T)],
                         dtype=torch.long)
 
 
@@ -97,9 +92,9 @@ def drops_at(table: torch.Tensor, timestep: Any) -> torch.Tensor:
     return table[t.round().long().clamp(0, table.numel() - 1)]
 
 
-def check_units(unet: Any, config: ASEConfig) -> list[ub.Unit]:
+def check_units(unet: Any, config: ASEConfig) -> list[U.Unit]:
     """The first drop_max units in depth order; drop_max beyond them is a one-line error."""
-    units = ub.depth_order(unet)
+    units = U.depth_order(unet)
     if config.drop_max > len(units):
         raise DiffbenchError(f"ase.drop_max={config.drop_max} is out of range for this UNet; "
                              f"allowed [0, {len(units)}]")
@@ -131,9 +126,9 @@ class ExitDepth:
 
 def make_student(unet: Any, drop_max: int) -> tuple[torch.nn.Module, ExitDepth]:
     """A float32 trainable copy (time embedding frozen) whose deepest units follow an ExitDepth."""
-    student = ub.to_dtype(finetune.trainable_copy(unet, trainable), torch.float32)
+    student = U.to_dtype(finetune.trainable_copy(unet, trainable), torch.float32)
     depth = ExitDepth()
-    ub.skip_units(setattr, ub.depth_order(student)[:drop_max], depth.dropped)
+    U.skip_units(setattr, U.depth_order(student)[:drop_max], depth.dropped)
     return student, depth
 
 
@@ -142,7 +137,7 @@ def trainable(name: str) -> bool:
     return not name.startswith("time_embedding.")
 
 
-def exit_loss(student: Any, depth: ExitDepth, table: torch.Tensor, batch: ub.Batch,
+def exit_loss(student: Any, depth: ExitDepth, table: torch.Tensor, batch: pools.Batch,
               target: torch.Tensor) -> torch.Tensor:
     """Mean squared error of the student at each sample's exit depth k(t) (paper Sec. 4)."""
     ks = drops_at(table, batch.t).to(batch.t.device)
@@ -157,35 +152,35 @@ def exit_loss(student: Any, depth: ExitDepth, table: torch.Tensor, batch: ub.Bat
     return total / target.numel()
 
 
-def loss_target(pipe: Any, batch: ub.Batch, config: ASEConfig) -> torch.Tensor:
+def loss_target(pipe: Any, batch: pools.Batch, config: ASEConfig) -> torch.Tensor:
     """The epsilon (or v) target, or the full-depth UNet's prediction for distillation."""
     if config.target == "noise":
-        return ub.diffusion_target(pipe, batch)
+        return pools.diffusion_target(pipe, batch)
     with torch.no_grad():
         return pipe.unet(batch.x_t, batch.t, encoder_hidden_states=batch.cond).sample
 
 
 def training_prompts(config: ASEConfig, data: PrepareData) -> tuple[str, ...]:
     """The cell's prompts for teacher-generated data; none when training on real images."""
-    return ub.pool_prompts(config.data, data, data.prompts) if config.steps else ()
+    return pools.pool_prompts(config.data, data, data.prompts) if config.steps else ()
 
 
 def prepare(pipe: Any, config: ASEConfig, data: PrepareData) -> dict[str, torch.Tensor]:
     """Fine-tune a copy of the UNet for the exit schedule; the changed weights + the schedule."""
-    unet = ub.require_unet(pipe, "ase")
+    unet = U.require_unet(pipe, "ase")
     check_units(unet, config)
     table = drop_table(pipe.scheduler.config.num_train_timesteps, config.drop_max,
                        config.schedule, config.until)
     if config.steps == 0:
         return {TABLE: table}
     gen = torch.Generator().manual_seed(data.seed)
-    pool = ub.training_pool(pipe, config.data, data, data.prompts, config.data_size,
+    pool = pools.training_pool(pipe, config.data, data, data.prompts, config.data_size,
                             config.data_steps, gen, "ase")
     student, depth = make_student(unet, config.drop_max)
     opt = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=config.lr)
     every, running = max(1, config.steps // 10), 0.0
     for step in range(config.steps):
-        batch = ub.sample_batch(pipe, pool, config.batch_size, gen)
+        batch = pools.sample_batch(pipe, pool, config.batch_size, gen)
         loss = exit_loss(student, depth, table, batch, loss_target(pipe, batch, config))
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -194,14 +189,14 @@ def prepare(pipe: Any, config: ASEConfig, data: PrepareData) -> dict[str, torch.
         if (step + 1) % every == 0:
             data.log(f"[ase] step {step + 1}/{config.steps} loss {running / every:.4f}")
             running = 0.0
-    ub.to_dtype(student, unet.dtype)
+    U.to_dtype(student, unet.dtype)
     return {TABLE: table, **finetune.changed_parameters(student, unet, trainable)}
 
 
 def apply(pipe: Any, config: ASEConfig, ctx: StepContext,
           artifact: dict[str, torch.Tensor]) -> MethodHandle:
     """Swap in the fine-tuned weights and skip the deepest k(t) units at each UNet call."""
-    unet = ub.require_unet(pipe, "ase")
+    unet = U.require_unet(pipe, "ase")
     units = check_units(unet, config)
     table = artifact[TABLE]
     if table.numel() != pipe.scheduler.config.num_train_timesteps:
@@ -214,11 +209,11 @@ def apply(pipe: Any, config: ASEConfig, ctx: StepContext,
     except DiffbenchError:
         handle.remove()
         raise
-    handle.report.update(n_params_active=ub.active_parameters(unet, []),
+    handle.report.update(n_params_active=U.active_parameters(unet, []),
                          blocks_removed=config.drop_max)
     if config.drop_max == 0:
         return handle
     depth = ExitDepth()
     handle.add_hook(unet.register_forward_pre_hook(depth.from_timestep(table), with_kwargs=True))
-    ub.skip_units(handle.swap_attr, units, depth.dropped)
+    U.skip_units(handle.swap_attr, units, depth.dropped)
     return handle

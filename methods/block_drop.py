@@ -18,8 +18,6 @@ always run). Without fine-tuning quality drops with k: the fine-tuned variant is
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,6 +27,15 @@ from harness.errors import DiffbenchError
 from harness.method import MethodHandle, register_method
 from harness.params import param
 from harness.steps import StepContext
+from methods._common.unet import (
+    Passthrough,
+    Unit,
+    attention_passthrough,
+    drop_count,
+    hidden_passthrough,
+    require_denoiser,
+    skip_units,
+)
 
 
 @register_method("block_drop", touches=("transformer.blocks", "unet.block_outputs"))
@@ -44,48 +51,26 @@ class BlockDropConfig:
                          low=0.0, high=1.0)
 
 
-def drop_count(step: int, num_steps: int, drop_max: int, schedule: str, until: float) -> int:
-    """Blocks skipped at `step` (ASE's time-dependent schedule); 0 outside the dropping span."""
-    span = until * num_steps
-    if not 0 <= step < span:
-        return 0
-    if schedule == "step":
-        return drop_max
-    return min(drop_max, math.ceil(drop_max * (1 - step / span) - 1e-9))
+Layer = tuple[str, torch.nn.Module, Passthrough]
 
 
-def _passthrough_tensor(args: tuple, kwargs: dict) -> Any:
-    return args[0] if args else kwargs["hidden_states"]
-
-
-def _passthrough_output(args: tuple, kwargs: dict) -> Any:
-    """A skipped Transformer2DModel: its input, as a tuple or an output object."""
-    from diffusers.models.modeling_outputs import Transformer2DModelOutput
-
-    hidden = _passthrough_tensor(args, kwargs)
-    return Transformer2DModelOutput(sample=hidden) if kwargs.get("return_dict", True) else (hidden,)
-
-
-Unit = tuple[str, torch.nn.Module, Callable[[tuple, dict], Any]]
-
-
-def _level_layers(block: Any) -> list[Unit]:
+def _level_layers(block: Any) -> list[Layer]:
     """Shape-preserving layers of one UNet block in forward order (resnet j, then attention j)."""
     attentions = list(getattr(block, "attentions", None) or [])
-    out: list[Unit] = []
+    out: list[Layer] = []
     for j, resnet in enumerate(getattr(block, "resnets", None) or []):
         if resnet.in_channels == resnet.out_channels and not (resnet.up or resnet.down):
-            out.append((f"resnets.{j}", resnet, _passthrough_tensor))
+            out.append((f"resnets.{j}", resnet, hidden_passthrough))
         if j < len(attentions):
-            out.append((f"attentions.{j}", attentions[j], _passthrough_output))
+            out.append((f"attentions.{j}", attentions[j], attention_passthrough))
     return out
 
 
-def unet_units(unet: Any) -> list[Unit]:
+def unet_units(unet: Any) -> list[Layer]:
     """Droppable UNet layers, deepest first: mid block, then per level down (reversed) + up."""
-    units: list[Unit] = []
+    units: list[Layer] = []
     if unet.mid_block is not None:
-        units.append(("mid_block", unet.mid_block, _passthrough_tensor))
+        units.append(("mid_block", unet.mid_block, hidden_passthrough))
     n = len(unet.down_blocks)
     for level in reversed(range(n)):
         down, up = f"down_blocks.{level}", f"up_blocks.{n - 1 - level}"
@@ -96,23 +81,17 @@ def unet_units(unet: Any) -> list[Unit]:
     return units
 
 
-def transformer_units(transformer: Any) -> list[Unit]:
+def transformer_units(transformer: Any) -> list[Layer]:
     """Transformer blocks, last first (ASE skips the final blocks of a DiT)."""
     blocks = list(transformer.transformer_blocks)
-    return [(f"transformer_blocks.{i}", blocks[i], _passthrough_tensor)
+    return [(f"transformer_blocks.{i}", blocks[i], hidden_passthrough)
             for i in reversed(range(len(blocks)))]
 
 
-def denoiser_units(pipe: Any) -> tuple[str, list[Unit]]:
-    """(what, units): droppable units of the pipeline's denoiser, in drop order."""
-    transformer = getattr(pipe, "transformer", None)
-    if getattr(transformer, "transformer_blocks", None):
-        return "transformer", transformer_units(transformer)
-    unet = getattr(pipe, "unet", None)
-    if unet is not None and hasattr(unet, "down_blocks"):
-        return "UNet", unet_units(unet)
-    raise DiffbenchError("block_drop needs a transformer (pipe.transformer with transformer_blocks)"
-                         f" or a UNet (pipe.unet); {type(pipe).__name__} has neither")
+def denoiser_units(pipe: Any) -> tuple[str, list[Layer]]:
+    """(what, layers): droppable layers of the pipeline's denoiser, in drop order."""
+    what, denoiser = require_denoiser(pipe, "block_drop")
+    return what, transformer_units(denoiser) if what == "transformer" else unet_units(denoiser)
 
 
 def apply(pipe: Any, config: BlockDropConfig, ctx: StepContext) -> MethodHandle:
@@ -130,14 +109,7 @@ def apply(pipe: Any, config: BlockDropConfig, ctx: StepContext) -> MethodHandle:
         c = config
         return rank < drop_count(ctx.step, ctx.num_steps, c.drop_max, c.schedule, c.until)
 
-    for rank, (_, module, passthrough) in enumerate(units[:config.drop_max]):
-        handle.swap_attr(module, "forward", _skippable(rank, module.forward, passthrough, dropped))
+    skip_units(handle.swap_attr, [Unit(name, ((module, passthrough),))
+                                  for name, module, passthrough in units[:config.drop_max]],
+               dropped)
     return handle
-
-
-def _skippable(rank: int, forward: Callable[..., Any], passthrough: Callable[[tuple, dict], Any],
-               dropped: Callable[[int], bool]) -> Callable[..., Any]:
-    def run(*args: Any, **kwargs: Any) -> Any:
-        return passthrough(args, kwargs) if dropped(rank) else forward(*args, **kwargs)
-
-    return run

@@ -22,6 +22,8 @@ from harness.errors import DiffbenchError
 from harness.method import MethodHandle, register_method
 from harness.params import param
 from harness.steps import StepContext
+from methods._common.cache import StepCache, cached_forward
+from methods._common.unet import require_unet
 
 
 @register_method("deepcache", touches=("unet.block_outputs",))
@@ -71,61 +73,16 @@ def deep_modules(unet: Any, branch: int) -> list[tuple[str, torch.nn.Module]]:
     return mods
 
 
-class _Cache:
-    """Outputs of the deep modules, per UNet call index within a step (CFG may split calls)."""
-
-    def __init__(self, config: DeepCacheConfig, ctx: StepContext):
-        self.config, self.ctx = config, ctx
-        self.store: dict[tuple[str, int], Any] = {}
-        self.call, self.last = 0, (-1, -1)  # call index within the step; (generation, step)
-        self.shape: dict[int, torch.Size] = {}
-        self.reuse = self.keep = False
-
-    def before_unet(self, module: Any, args: tuple, kwargs: dict) -> None:
-        """Pre-hook on the UNet: which call of which step is this, and may it reuse the cache."""
-        now = (self.ctx.generation, self.ctx.step)
-        self.call = self.call + 1 if now == self.last else 0
-        self.last = now
-        sample = args[0] if args else kwargs["sample"]
-        c = self.config
-        keys = key_steps(self.ctx.num_steps, c.interval, c.schedule, c.center, c.power)
-        step = self.ctx.step
-        driven = 0 <= step < self.ctx.num_steps  # a call outside StepContext.generate: no reuse
-        self.reuse = driven and step not in keys and self.shape.get(self.call) == sample.shape
-        # keep outputs only when the next step will reuse them (never with interval 1)
-        self.keep = not self.reuse and step + 1 < self.ctx.num_steps and step + 1 not in keys
-        if not self.reuse:
-            self.shape[self.call] = sample.shape
-
-    def wrap(self, name: str, forward: Any) -> Any:
-        def cached_forward(*args: Any, **kwargs: Any) -> Any:
-            if self.reuse and (name, self.call) in self.store:
-                return self.store[(name, self.call)]
-            out = forward(*args, **kwargs)
-            if self.keep:
-                self.store[(name, self.call)] = out
-            else:
-                self.store.pop((name, self.call), None)
-            return out
-
-        return cached_forward
-
-    def clear(self) -> None:
-        self.store.clear()
-        self.shape.clear()
-
-
 def apply(pipe: Any, config: DeepCacheConfig, ctx: StepContext) -> MethodHandle:
     """Wrap the deep UNet modules' forward with the cache and count UNet calls per step."""
-    unet = getattr(pipe, "unet", None)
-    if unet is None or not hasattr(unet, "down_blocks"):
-        raise DiffbenchError("deepcache needs a UNet pipeline (pipe.unet with down/up blocks); "
-                             f"{type(pipe).__name__} has none")
+    unet = require_unet(pipe, "deepcache")
     modules = deep_modules(unet, config.branch)
     handle = MethodHandle(pipe, "deepcache", config)
-    cache = _Cache(config, ctx)
-    handle.add_hook(unet.register_forward_pre_hook(cache.before_unet, with_kwargs=True))
+    c = config
+    cache = StepCache(ctx, lambda step, total: step in key_steps(total, c.interval, c.schedule,
+                                                                 c.center, c.power), "sample")
+    handle.add_hook(unet.register_forward_pre_hook(cache.before_denoiser, with_kwargs=True))
     for name, module in modules:
-        handle.swap_attr(module, "forward", cache.wrap(name, module.forward))
+        handle.swap_attr(module, "forward", cached_forward(cache, name, module.forward))
     handle.on_remove(cache.clear)
     return handle

@@ -26,7 +26,8 @@ from harness.errors import DiffbenchError
 from harness.method import MethodHandle, register_method
 from harness.params import param
 from harness.steps import StepContext
-from methods.fora import StepCache, transformer_blocks
+from methods._common.cache import StepCache
+from methods._common.unet import require_transformer
 
 
 @register_method("delta_dit", touches=("transformer.blocks",))
@@ -101,7 +102,7 @@ class _DeltaCache(StepCache):
 
 def apply(pipe: Any, config: DeltaDiTConfig, ctx: StepContext) -> MethodHandle:
     """Wrap every block's forward: record range deltas on key steps, add them on the others."""
-    blocks = transformer_blocks(pipe, "delta_dit")
+    blocks = require_transformer(pipe, "delta_dit")
     if config.num_blocks > len(blocks):
         raise DiffbenchError(f"delta_dit.num_blocks={config.num_blocks} is out of range for this "
                              f"transformer; allowed [1, {len(blocks)}]")

@@ -23,10 +23,8 @@ parameter, changed or not (so lr=0 is an exact identity).
 
 Paper recipe (SD-1.4): 1000 iterations, batch 1, Adam lr 1e-5, eta 1, x_t by 50 DDIM steps
 with guidance 3 from the fine-tuned model. The official diffusers rewrite uses 200 iterations,
-lr 5e-5, eta 2. Our default budget for the CPU mini-sd (about a minute): 150 steps, Adam
-lr 1e-4, eta 1, 10 DDIM steps with guidance 3, batch 1. Measured on mini-sd (concept "red",
-template "a large {},a small {}", 12 red-shape prompts, 20 steps): red pixels 27% -> 6% of the
-image, blue shapes of blue prompts 25% -> 20-22%; 300 steps also wipe out the other colours.
+lr 5e-5, eta 2. Our default budget for the CPU mini-sd: 150 steps, Adam
+lr 1e-4, eta 1, 10 DDIM steps with guidance 3, batch 1.
 Deviations: multi-concept training (round-robin) is our extension (ESD erases one concept per
 model); the official diffusers rewrite samples x_t with the frozen model and uses
 eps*(x_t, c) instead of eps*(x_t) as the anchor: we follow the paper's equation and its
@@ -45,8 +43,8 @@ from harness.method import MethodHandle, register_method
 from harness.params import param
 from harness.prepare import PrepareData
 from harness.steps import StepContext
-from methods import erasure_losses as E
-from methods._common.training import ddim_scheduler, trainable_copy
+from methods._common import erasure as E
+from methods._common.training import trainable_copy
 
 VARIANTS = {"x": "xattn", "x-strict": "xattn-kv", "u": "noxattn"}  # -> E.PARAMETER_SETS
 
@@ -87,38 +85,27 @@ def esd_batch(pipe: Any, student: torch.nn.Module, frozen: torch.nn.Module, sche
               cond: torch.Tensor, uncond: torch.Tensor, config: ESDConfig,
               generator: torch.Generator) -> E.Batch:
     """x_t from the model being trained and the frozen model's negatively guided target."""
-    cond = cond.expand(config.batch_size, -1, -1)
-    uncond = uncond.expand(config.batch_size, -1, -1)
-    x_t, t = E.sample_xt(pipe, student, sched, cond, uncond, config.sample_guidance, generator)
+    cond, uncond, x_t, t = E.trajectory_xt(pipe, student, sched, cond, uncond, config, generator)
     target = E.esd_target(E.unet_eps(frozen, x_t, t, uncond), E.unet_eps(frozen, x_t, t, cond),
                           config.eta)
     return E.Batch(x_t, t, cond, target)
 
 
-def training_prompts(config: Any, data: PrepareData) -> tuple[str, ...]:
-    """None of the cell's prompts: training reads the concept prompts (in the config) only."""
-    return ()
+training_prompts = E.no_cell_prompts
 
 
 def prepare(pipe: Any, config: ESDConfig, data: PrepareData) -> dict[str, torch.Tensor]:
     """Fine-tune a float32 copy of the UNet (the pipeline is left as found); its trained tensors."""
     unet = E.require_unet(pipe, "esd")
-    prompts = [p for _, p in E.concept_prompts(E.require_concepts(config.concept, "esd"),
-                                               config.template, "esd")]
+    concepts = E.concept_data(pipe, unet, config, "esd", data.seed)
     select = selector(config)
     student = trainable_copy(unet, select).float()
     optimizer = torch.optim.Adam(E.trainable_parameters(student), lr=config.lr)
-    sched = ddim_scheduler(pipe, config.sample_steps)
-    device = next(unet.parameters()).device
-    conds, uncond = E.encode(pipe, prompts, device), E.encode(pipe, [""], device)
-    generator = torch.Generator().manual_seed(data.seed)
-    data.log(f"[esd] erasing {', '.join(map(repr, prompts))} (ESD-{config.variant}, "
+    data.log(f"[esd] erasing {', '.join(map(repr, concepts.prompts))} (ESD-{config.variant}, "
              f"eta {config.eta}, {config.steps} steps, lr {config.lr})")
-    for step in range(config.steps):
-        k = E.prompt_at(step, len(prompts))
-        batch = esd_batch(pipe, student, unet, sched, conds[k:k + 1], uncond, config, generator)
-        loss = E.train_step(student, optimizer, batch)
-        E.log_progress(data.log, "esd", step, config.steps, loss, prompts[k])
+    E.train_concepts(student, optimizer, concepts, config.steps, lambda cond: esd_batch(
+        pipe, student, unet, concepts.sched, cond, concepts.uncond, config, concepts.generator),
+        data.log, "esd")
     return E.selected_tensors(student, select, next(unet.parameters()).dtype)
 
 

@@ -13,16 +13,15 @@ call) and dropped when a generation ends, so nothing leaks between pipeline call
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
-
-import torch
 
 from harness.errors import DiffbenchError
 from harness.method import MethodHandle, register_method
 from harness.params import param
 from harness.steps import StepContext
+from methods._common.cache import StepCache, cached_forward
+from methods._common.unet import require_transformer
 
 CACHED_LAYERS = ("attn1", "attn2", "ff")  # BasicTransformerBlock's residual branches
 
@@ -43,82 +42,9 @@ def is_key_step(step: int, interval: int, start_step: int = 0) -> bool:
     return step < start_step or (step - start_step) % interval == 0
 
 
-def transformer_blocks(pipe: Any, method: str) -> list[torch.nn.Module]:
-    """The denoiser's transformer blocks, or a one-line error naming what the pipeline lacks."""
-    transformer = getattr(pipe, "transformer", None)
-    if transformer is None:
-        raise DiffbenchError(f"{method} needs a transformer denoiser (pipe.transformer); "
-                             f"{type(pipe).__name__} has none")
-    blocks = getattr(transformer, "transformer_blocks", None)
-    if not blocks:
-        raise DiffbenchError(f"{method} needs transformer blocks (transformer.transformer_blocks);"
-                             f" {type(transformer).__name__} has none")
-    return list(blocks)
-
-
-class StepCache:
-    """Tensors kept from a key step for the next non-key steps, per denoiser call in the step.
-
-    A pre-hook on the denoiser (`before_denoiser`) sets `reuse` (this call may read the cache)
-    and `keep` (this call must fill it for the next step), as in DeepCache's `_Cache`.
-    `is_key(step, num_steps)` is the method's schedule; step 0 is always a key step.
-    """
-
-    def __init__(self, ctx: StepContext, is_key: Callable[[int, int], bool]):
-        self.ctx, self.is_key = ctx, is_key
-        self.store: dict[tuple[Any, int], Any] = {}
-        self.shape: dict[int, torch.Size] = {}
-        self.call, self.last = 0, (-1, -1)  # call index within the step; (generation, step)
-        self.reuse = self.keep = False
-
-    def before_denoiser(self, module: Any, args: tuple, kwargs: dict) -> None:
-        now = (self.ctx.generation, self.ctx.step)
-        if now[0] != self.last[0]:
-            self.clear()  # a new pipeline call: nothing carries over
-        self.call = self.call + 1 if now == self.last else 0
-        self.last = now
-        sample = args[0] if args else kwargs["hidden_states"]
-        step, total = self.ctx.step, self.ctx.num_steps
-        driven = 0 <= step < total  # a call outside StepContext.generate: never reuse
-        self.reuse = (driven and not self.is_key(step, total)
-                      and self.shape.get(self.call) == sample.shape)
-        self.keep = (driven and not self.reuse and step + 1 < total
-                     and not self.is_key(step + 1, total))
-        if not self.reuse:
-            self.shape[self.call] = sample.shape
-
-    def get(self, key: Any) -> Any:
-        """The cached value of `key` for this call, or None (not a reuse step, or not stored)."""
-        return self.store.get((key, self.call)) if self.reuse else None
-
-    def put(self, key: Any, value: Any) -> None:
-        """Keep `value` when the next step reuses it; otherwise drop any stale entry."""
-        if self.keep:
-            self.store[(key, self.call)] = value
-        else:
-            self.store.pop((key, self.call), None)
-
-    def clear(self) -> None:
-        self.store.clear()
-        self.shape.clear()
-
-
-def cached_forward(cache: StepCache, key: Any, forward: Callable[..., Any]) -> Callable[..., Any]:
-    """A layer forward that returns its cached output on non-key steps (paper Sec. 3)."""
-
-    def run(*args: Any, **kwargs: Any) -> Any:
-        out = cache.get(key)
-        if out is None:
-            out = forward(*args, **kwargs)
-            cache.put(key, out)
-        return out
-
-    return run
-
-
 def apply(pipe: Any, config: ForaConfig, ctx: StepContext) -> MethodHandle:
     """Wrap every block's attention / MLP forward with the cache; count denoiser calls."""
-    blocks = transformer_blocks(pipe, "fora")
+    blocks = require_transformer(pipe, "fora")
     layers = [(f"{i}.{name}", getattr(block, name)) for i, block in enumerate(blocks)
               for name in CACHED_LAYERS if getattr(block, name, None) is not None]
     if not layers:

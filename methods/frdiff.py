@@ -27,10 +27,11 @@ from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.models.resnet import ResnetBlock2D
 from diffusers.models.transformers.transformer_2d import Transformer2DModel
 
-from harness.errors import DiffbenchError
 from harness.method import MethodHandle, register_method
 from harness.params import param
 from harness.steps import StepContext
+from methods._common.cache import StepCache, cached_forward
+from methods._common.unet import require_unet
 
 
 @register_method("frdiff", touches=("unet.block_outputs", "denoiser.output"))
@@ -70,41 +71,34 @@ def _with_sample(out: Any, sample: torch.Tensor) -> Any:
     return (sample,) + tuple(out[1:]) if isinstance(out, tuple) else type(out)(sample=sample)
 
 
-class _Reuse:
+class _Reuse(StepCache):
     """Cached residual branches and keyframe predictions, per UNet call index within a step."""
 
     def __init__(self, config: FRDiffConfig, ctx: StepContext):
-        self.config, self.ctx = config, ctx
-        self.store: dict[tuple[str, int], torch.Tensor] = {}
+        super().__init__(ctx, lambda step, _: step % config.keyframe == 0, "sample")
+        self.config = config
         self.jump: dict[int, tuple[torch.Size, Any]] = {}  # call -> (input shape, key output)
-        self.call, self.last, self.generation = 0, (-1, -1), -1
-        self.reuse = self.keep = False
+        self.keep_key = False
 
     def weight(self, step: int) -> float:
         """lambda of step `step`: 1 without mixing."""
         c = self.config
         return mix_weight(step / self.ctx.num_steps, c.b, c.slope) if c.mix else 1.0
 
-    def _begin(self, sample: torch.Tensor) -> tuple[bool, float, bool]:
-        """Which call of which step this is: (non-key step, its lambda, keep the key output)."""
-        if self.ctx.generation != self.generation:
-            self.clear()
-            self.generation = self.ctx.generation
-        now = (self.ctx.generation, self.ctx.step)
-        self.call = self.call + 1 if now == self.last else 0
-        self.last = now
+    def _begin(self, sample: torch.Tensor) -> tuple[bool, float]:
+        """Which call of which step this is: (non-key step, its lambda); sets `keep_key` (keep
+        the keyframe's prediction) and `keep` (keep the residual branches)."""
+        self.begin(sample)
+        nonkey, self.reuse = self.reuse and self.call in self.jump, False  # reuse: in forward
         step, steps, m = self.ctx.step, self.ctx.num_steps, self.config.keyframe
-        driven = 0 <= step < steps  # a call outside StepContext.generate: plain UNet
-        key = self.jump.get(self.call)
-        nonkey = driven and step % m != 0 and key is not None and key[0] == sample.shape
-        later = range(step + 1, min(steps, step - step % m + m)) if driven and not nonkey else ()
+        later = range(step + 1, min(steps, step - step % m + m)) if self.keep else ()
         # keep the residual branches only when a later non-key step reuses them (lambda > 0)
-        self.keep = any(self.weight(s) > 0.0 for s in later)
-        return nonkey, self.weight(step) if nonkey else 1.0, bool(later)
+        self.keep_key, self.keep = self.keep, any(self.weight(s) > 0.0 for s in later)
+        return nonkey, self.weight(step) if nonkey else 1.0
 
     def unet_forward(self, forward: Any) -> Any:
         def frdiff_forward(sample: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-            nonkey, lam, keep_key = self._begin(sample)
+            nonkey, lam = self._begin(sample)
             if nonkey and lam == 0.0:
                 return self.jump[self.call][1]  # reduced NFE: the keyframe's prediction
             self.reuse = nonkey
@@ -117,7 +111,7 @@ class _Reuse:
                     return out
                 eps_jump = _sample(self.jump[self.call][1])
                 return _with_sample(out, lam * _sample(out) + (1.0 - lam) * eps_jump)
-            if keep_key:
+            if self.keep_key:
                 self.jump[self.call] = (sample.shape, out)
             else:
                 self.jump.pop(self.call, None)
@@ -127,53 +121,34 @@ class _Reuse:
 
     def transformer_forward(self, name: str, forward: Any) -> Any:
         def frdiff_forward(hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-            key = (name, self.call)
-            if self.reuse and key in self.store:
-                out = hidden_states + self.store[key]
+            residual = self.get(name)
+            if residual is not None:
+                out = hidden_states + residual
                 if kwargs.get("return_dict", True):
                     return Transformer2DModelOutput(sample=out)
                 return (out,)
             out = forward(hidden_states, *args, **kwargs)
-            if self.keep:
-                self.store[key] = _sample(out) - hidden_states
-            elif not self.reuse:
-                self.store.pop(key, None)
-            return out
-
-        return frdiff_forward
-
-    def conv1_forward(self, name: str, forward: Any) -> Any:
-        def frdiff_forward(hidden_states: torch.Tensor) -> torch.Tensor:
-            key = (name, self.call)
-            if self.reuse and key in self.store:
-                return self.store[key]
-            out = forward(hidden_states)
-            if self.keep:
-                self.store[key] = out
-            elif not self.reuse:
-                self.store.pop(key, None)
+            self.put(name, _sample(out) - hidden_states if self.keep else None)
             return out
 
         return frdiff_forward
 
     def clear(self) -> None:
-        self.store.clear()
+        super().clear()
         self.jump.clear()
 
 
 def apply(pipe: Any, config: FRDiffConfig, ctx: StepContext) -> MethodHandle:
     """Wrap the UNet (score mixing) and its transformers / resnet conv1s (feature reuse)."""
-    unet = getattr(pipe, "unet", None)
-    if unet is None or not hasattr(unet, "down_blocks"):
-        raise DiffbenchError("frdiff needs a UNet pipeline (pipe.unet with down/up blocks); "
-                             f"{type(pipe).__name__} has none")
+    unet = require_unet(pipe, "frdiff")
     handle = MethodHandle(pipe, "frdiff", config)
     if config.keyframe == 1:  # every step is a keyframe: nothing is ever reused or mixed
         return handle
     reuse = _Reuse(config, ctx)
     handle.swap_attr(unet, "forward", reuse.unet_forward(unet.forward))
     for name, module, kind in reused_modules(unet):
-        wrap = reuse.transformer_forward if kind == "transformer" else reuse.conv1_forward
-        handle.swap_attr(module, "forward", wrap(name, module.forward))
+        wrapped = (reuse.transformer_forward(name, module.forward) if kind == "transformer"
+                   else cached_forward(reuse, name, module.forward))
+        handle.swap_attr(module, "forward", wrapped)
     handle.on_remove(reuse.clear)
     return handle

@@ -2,7 +2,7 @@
 
 Pruning is structural block removal as in BK-SDM (Kim et al., arXiv 2305.15798): the UNet
 units listed in `remove` (resnet+attention pairs `down_blocks.i.j` / `up_blocks.i.j`, and/or
-`mid_block`; see `methods/unet_blocks.py` for which exist and why skip shapes stay valid) are
+`mid_block`; see `methods/_common/unet.py` for which exist and why skip shapes stay valid) are
 swapped for identity-like passthroughs through the handle, so `remove()` restores them exactly.
 The pruned student (a copy of the UNet, removed units frozen and never run) is then trained:
 - distillation step (the paper's lower level, BK-SDM's loss): `data_weight` x the diffusion
@@ -25,25 +25,11 @@ the lower level, images of the concept (artist styles, nudity) for the upper lev
 iterations, batch 16, AdamW lr 1e-6 (upper 5e-6), an upper step every 10 steps, min-SNR (5)
 diffusion loss weight 1, output distillation 2, block distillation 0.1, eta 1.
 Ours by default: 1000 steps, lr 3e-4 (upper 5e-4), batch 16, same loss weights and upper
-frequency (~1.5 min on mini-sd on a CPU). Deviations: BK-SDM block removal instead of APTP /
-magnitude pruning; lower-level data (`data`, methods/unet_blocks.py) by default data-free:
-x_0 latents the dense model generates from the training prompts with a few DDIM steps
-(`data = "real"` takes the model's real images when it has some: mini-sd's world); upper level
-from the concept prompts (as ESD samples its own x_t); plain MSE diffusion loss (no min-SNR
-weighting), no warmup.
-Measured on mini-sd (default removal: 0.99M of 1.49M UNet parameters run, FLOPs ratio 0.74;
-64 images, 25 DDIM steps; CLIP score / fd_clip, baseline 79.6 / 0.102): untrained 0.0 / 0.86
-(broken images); distilled 300 steps lr 1e-4 68.5 / 0.157; 1000 steps lr 3e-4 76.2 / 0.122 on
-teacher latents, but 63.4 / 0.159 on real world images (the diffusion loss on real data pulls
-the small pruned UNet away from its teacher; distillation on the teacher's own samples keeps
-it close), hence the data-free default. Earlier (300 steps, concept "a red circle") the MSE to
-the dense eps on held-out latents was 0.44 untrained, 0.042 "distill", 0.045 "bilevel", 0.081
-"two_stage", and the suppression loss 0.123 / 0.074 / 0.078 (dense: 0.120): as in the paper,
-bilevel suppresses as well as two-stage while keeping the distilled quality. In images (the
-erasure-mini-sd suite, concept "a large red,a small red", distillation data from the captions
-without red): share of red-prompt images still red 0.92 distill / 0.55 bilevel / 0.47
-two_stage, CLIP score on the other prompts 71.6 / 73.6 / 52.7. Distillation data that contain
-the concept counteract the suppression (bilevel on all captions: 0.86).
+frequency. Deviations: BK-SDM block removal instead of APTP / magnitude pruning; lower-level
+data (`data`, methods/_common/pool.py) by default data-free: x_0 latents the dense model
+generates from the training prompts with a few DDIM steps (`data = "real"` takes the model's
+real images when it has some: mini-sd's world); upper level from the concept prompts (as ESD
+samples its own x_t); plain MSE diffusion loss (no min-SNR weighting), no warmup.
 """
 
 from __future__ import annotations
@@ -61,11 +47,12 @@ from harness.params import param
 from harness.prepare import PrepareData
 from harness.prompts import load_prompts
 from harness.steps import StepContext
-from methods import unet_blocks as ub
+from methods._common import pool as pools
 from methods._common import training as finetune
-from methods.erasure_losses import esd_target
+from methods._common import unet as U
+from methods._common.erasure import esd_target
 
-MASK = "prune.removed"  # artifact key: 1 for each removed unit of unet_blocks.all_units
+MASK = "prune.removed"  # artifact key: 1 for each removed unit of _common.unet.all_units
 
 
 @register_method("prune_distill", touches=("unet.weights", "unet.block_outputs"))
@@ -75,7 +62,7 @@ class PruneDistillConfig:
 
     remove: tuple = param(("mid_block", "down_blocks.0.0", "up_blocks.1.1"),
                           "UNet units removed: 'mid_block', 'down_blocks.i.j', 'up_blocks.i.j' "
-                          "(resnet j + attention j of a block; see methods/unet_blocks.py)")
+                          "(resnet j + attention j of a block; see methods/_common/unet.py)")
     mode: str = param("distill", "'distill' only, 'bilevel' (suppression step interleaved, the "
                       "paper) or 'two_stage' (distil, then suppress)",
                       choices=("distill", "bilevel", "two_stage"))
@@ -97,8 +84,8 @@ class PruneDistillConfig:
     data_size: int = param(64, "x_0 latents per training pool",
                            low=1, high=1_000_000)
     data_steps: int = param(10, "DDIM steps of each teacher generation", low=1, high=1000)
-    data: str = param("teacher", ub.DATA_DOC + "; teacher by default (measured better here, "
-                      "see the module docstring)", choices=ub.DATA_CHOICES)
+    data: str = param("teacher", pools.DATA_DOC + "; teacher by default (measured better here, "
+                      "see the module docstring)", choices=pools.DATA_CHOICES)
     train_prompts: str = param("", "prompt set (name or file) of teacher-generated distillation "
                                "data; '' = the cell's prompts (an erasure suite passes the "
                                "general set, as the paper's lower level uses general captions)")
@@ -119,12 +106,12 @@ class Student:
     skip_features: tuple[str, ...] = ()
 
 
-def check_config(unet: Any, config: PruneDistillConfig) -> list[ub.Unit]:
+def check_config(unet: Any, config: PruneDistillConfig) -> list[U.Unit]:
     """The removed units; bad names or a suppression mode without a concept: one-line errors."""
     if config.mode != "distill" and not concept_prompts(config):
         raise DiffbenchError(f"prune_distill.concept is empty; mode={config.mode!r} needs the "
                              "concept to suppress (or use mode='distill')")
-    return ub.select_units(unet, config.remove, "prune_distill.remove")
+    return U.select_units(unet, config.remove, "prune_distill.remove")
 
 
 def concept_prompts(config: PruneDistillConfig) -> list[str]:
@@ -132,25 +119,25 @@ def concept_prompts(config: PruneDistillConfig) -> list[str]:
     return [c.strip() for c in config.concept.split(",") if c.strip()]
 
 
-def removed_mask(unet: Any, units: list[ub.Unit]) -> torch.Tensor:
-    """1 for each unit of `unet_blocks.all_units` that is removed, 0 otherwise."""
+def removed_mask(unet: Any, units: list[U.Unit]) -> torch.Tensor:
+    """1 for each unit of `_common.unet.all_units` that is removed, 0 otherwise."""
     names = {u.name for u in units}
-    return torch.tensor([u.name in names for u in ub.all_units(unet)], dtype=torch.uint8)
+    return torch.tensor([u.name in names for u in U.all_units(unet)], dtype=torch.uint8)
 
 
 def make_student(unet: Any, remove: tuple) -> Student:
     """A float32 trainable copy with `remove` skipped and frozen, block outputs captured."""
-    frozen = ub.unit_parameter_names(unet, ub.select_units(unet, remove, "prune_distill.remove"))
+    frozen = U.unit_parameter_names(unet, U.select_units(unet, remove, "prune_distill.remove"))
 
     def trainable(name: str) -> bool:
         return name not in frozen
 
-    copy = ub.to_dtype(finetune.trainable_copy(unet, trainable), torch.float32)
-    units = ub.select_units(copy, remove, "prune_distill.remove")
-    ub.skip_units(setattr, units)
+    copy = U.to_dtype(finetune.trainable_copy(unet, trainable), torch.float32)
+    units = U.select_units(copy, remove, "prune_distill.remove")
+    U.skip_units(setattr, units)
     removed_blocks = tuple(u.name for u in units if u.name == "mid_block")  # whole blocks
     student = Student(copy, trainable, skip_features=removed_blocks)
-    ub.capture_block_outputs(copy, student.features, student.skip_features)
+    U.capture_block_outputs(copy, student.features, student.skip_features)
     return student
 
 
@@ -159,7 +146,7 @@ def teacher_outputs(unet: Any, x_t: torch.Tensor, t: torch.Tensor, cond: torch.T
                     skip: tuple[str, ...] = ()) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The dense UNet's prediction and block outputs (hooks removed before returning)."""
     features: dict[str, torch.Tensor] = {}
-    hooks = ub.capture_block_outputs(unet, features, skip)
+    hooks = U.capture_block_outputs(unet, features, skip)
     try:
         pred = unet(x_t, t, encoder_hidden_states=cond).sample
     finally:
@@ -168,20 +155,20 @@ def teacher_outputs(unet: Any, x_t: torch.Tensor, t: torch.Tensor, cond: torch.T
     return pred.float(), {k: v.float() for k, v in features.items()}
 
 
-def distill_loss(pipe: Any, student: Student, batch: ub.Batch,
+def distill_loss(pipe: Any, student: Student, batch: pools.Batch,
                  config: PruneDistillConfig) -> torch.Tensor:
     """BK-SDM / the paper's lower level: diffusion + output KD + block-output (feature) KD."""
     pred_t, feats_t = teacher_outputs(pipe.unet, batch.x_t, batch.t, batch.cond,
                                       student.skip_features)
     pred = student.unet(batch.x_t.float(), batch.t,
                         encoder_hidden_states=batch.cond.float()).sample
-    loss = config.data_weight * F.mse_loss(pred, ub.diffusion_target(pipe, batch).float())
+    loss = config.data_weight * F.mse_loss(pred, pools.diffusion_target(pipe, batch).float())
     loss = loss + config.out_weight * F.mse_loss(pred, pred_t)
     feats = [F.mse_loss(student.features[k], feats_t[k]) for k in feats_t]
     return loss + config.feat_weight * torch.stack(feats).mean()
 
 
-def suppression_loss(pipe: Any, student: Student, batch: ub.Batch, uncond: torch.Tensor,
+def suppression_loss(pipe: Any, student: Student, batch: pools.Batch, uncond: torch.Tensor,
                      eta: float) -> torch.Tensor:
     """The paper's upper level: the student's eps(x_t, concept) toward the ESD target."""
     unet = pipe.unet
@@ -219,20 +206,20 @@ def optimizer_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> floa
 def training_prompts(config: PruneDistillConfig, data: PrepareData) -> tuple[str, ...]:
     """Prompts of the distillation data: `train_prompts`, else the cell's; none for real images."""
     prompts = load_prompts(config.train_prompts).texts if config.train_prompts else data.prompts
-    return ub.pool_prompts(config.data, data, prompts)
+    return pools.pool_prompts(config.data, data, prompts)
 
 
 def prepare(pipe: Any, config: PruneDistillConfig, data: PrepareData) -> dict[str, torch.Tensor]:
     """Train the pruned copy by the mode's plan; the changed weights + the removal mask."""
-    unet = ub.require_unet(pipe, "prune_distill")
+    unet = U.require_unet(pipe, "prune_distill")
     units = check_config(unet, config)
     plan = training_plan(config.mode, config.steps, config.upper_every)
     gen = torch.Generator().manual_seed(data.seed)
-    pool = ub.training_pool(pipe, config.data, data, training_prompts(config, data),
+    pool = pools.training_pool(pipe, config.data, data, training_prompts(config, data),
                             config.data_size, config.data_steps, gen, "prune_distill")
     concept = None
     if "suppress" in plan:
-        concept = ub.teacher_pool(pipe, concept_prompts(config), config.data_size,
+        concept = pools.teacher_pool(pipe, concept_prompts(config), config.data_size,
                                   config.data_steps, gen)
     student = make_student(unet, config.remove)
     params = [p for p in student.unet.parameters() if p.requires_grad]
@@ -241,15 +228,15 @@ def prepare(pipe: Any, config: PruneDistillConfig, data: PrepareData) -> dict[st
     every = max(1, len(plan) // 10)
     for i, kind in enumerate(plan):
         if kind == "distill":
-            batch = ub.sample_batch(pipe, pool, config.batch_size, gen)
+            batch = pools.sample_batch(pipe, pool, config.batch_size, gen)
             value = optimizer_step(lower, distill_loss(pipe, student, batch, config))
         else:
-            batch = ub.sample_batch(pipe, concept, config.batch_size, gen, uncond_prob=0.0)
+            batch = pools.sample_batch(pipe, concept, config.batch_size, gen, uncond_prob=0.0)
             value = optimizer_step(upper, suppression_loss(pipe, student, batch, concept.uncond,
                                                            config.eta))
         if (i + 1) % every == 0:
             data.log(f"[prune_distill] {i + 1}/{len(plan)} {kind} loss {value:.4f}")
-    ub.to_dtype(student.unet, unet.dtype)
+    U.to_dtype(student.unet, unet.dtype)
     trained = finetune.changed_parameters(student.unet, unet, student.trainable)
     return {MASK: removed_mask(unet, units), **trained}
 
@@ -257,7 +244,7 @@ def prepare(pipe: Any, config: PruneDistillConfig, data: PrepareData) -> dict[st
 def apply(pipe: Any, config: PruneDistillConfig, ctx: StepContext,
           artifact: dict[str, torch.Tensor]) -> MethodHandle:
     """Swap in the trained weights and replace the removed units by passthroughs."""
-    unet = ub.require_unet(pipe, "prune_distill")
+    unet = U.require_unet(pipe, "prune_distill")
     units = check_config(unet, config)
     mask = artifact.get(MASK)
     if mask is None or not torch.equal(mask, removed_mask(unet, units)):
@@ -270,7 +257,7 @@ def apply(pipe: Any, config: PruneDistillConfig, ctx: StepContext,
     except DiffbenchError:
         handle.remove()
         raise
-    ub.skip_units(handle.swap_attr, units)
-    handle.report.update(n_params_active=ub.active_parameters(unet, units),
+    U.skip_units(handle.swap_attr, units)
+    handle.report.update(n_params_active=U.active_parameters(unet, units),
                          blocks_removed=len(units))
     return handle

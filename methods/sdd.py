@@ -22,10 +22,8 @@ concept-ratio metric reads the same `concept` field (e.g. "red").
 
 Paper recipe (SD-1.4): 1500 steps, batch 1, AdamW lr 1e-5 (weight decay 1e-4, gradient
 clipping at norm 1), EMA decay 0.999, x_t from 50 DDIM steps. Our default budget for the CPU
-mini-sd (about a minute): 200 steps, AdamW lr 3e-4 (same weight decay and clipping), EMA decay
-0.9 (so the teacher moves within the short budget), 10 DDIM steps, batch 1. Measured on mini-sd
-(concept "red", template "a large {},a small {}", 12 red-shape prompts, 20 steps): red pixels
-27% -> 2% of the image, blue shapes of blue prompts unchanged (25% -> 27%).
+mini-sd: 200 steps, AdamW lr 3e-4 (same weight decay and clipping), EMA decay
+0.9 (so the teacher moves within the short budget), 10 DDIM steps, batch 1.
 Deviations: the default trains attn2 to_k/to_v only (the official code trains all of attn2:
 `train_params=xattn`); the official script samples x_t with the EMA teacher (unconditionally at its
 default guidance 1) and takes the target from the student under no_grad, while we follow the
@@ -44,8 +42,8 @@ from harness.method import MethodHandle, register_method
 from harness.params import param
 from harness.prepare import PrepareData
 from harness.steps import StepContext
-from methods import erasure_losses as E
-from methods._common.training import EMA, ddim_scheduler, trainable_copy
+from methods._common import erasure as E
+from methods._common.training import EMA, trainable_copy
 
 WEIGHT_DECAY = 1e-4  # official SDD script
 MAX_GRAD_NORM = 1.0  # official SDD script
@@ -82,41 +80,28 @@ def sdd_batch(pipe: Any, student: torch.nn.Module, teacher: torch.nn.Module, sch
               cond: torch.Tensor, uncond: torch.Tensor, config: SDDConfig,
               generator: torch.Generator) -> E.Batch:
     """x_t from the current model for the concept; target: the EMA teacher's eps(x_t, "")."""
-    cond = cond.expand(config.batch_size, -1, -1)
-    uncond = uncond.expand(config.batch_size, -1, -1)
-    x_t, t = E.sample_xt(pipe, student, sched, cond, uncond, config.sample_guidance, generator)
+    cond, uncond, x_t, t = E.trajectory_xt(pipe, student, sched, cond, uncond, config, generator)
     return E.Batch(x_t, t, cond, E.unet_eps(teacher, x_t, t, uncond))
 
 
-def training_prompts(config: Any, data: PrepareData) -> tuple[str, ...]:
-    """None of the cell's prompts: training reads the concept prompts (in the config) only."""
-    return ()
+training_prompts = E.no_cell_prompts
 
 
 def prepare(pipe: Any, config: SDDConfig, data: PrepareData) -> dict[str, torch.Tensor]:
     """Self-distil a float32 copy of the UNet (the pipeline is left as found); the EMA teacher's
     selected tensors."""
     unet = E.require_unet(pipe, "sdd")
-    prompts = [p for _, p in E.concept_prompts(E.require_concepts(config.concept, "sdd"),
-                                               config.template, "sdd")]
+    concepts = E.concept_data(pipe, unet, config, "sdd", data.seed)
     select = E.PARAMETER_SETS[config.train_params]
     student = trainable_copy(unet, select).float()
     teacher = EMA(student, config.ema_decay)
     optimizer = torch.optim.AdamW(E.trainable_parameters(student), lr=config.lr,
                                   weight_decay=WEIGHT_DECAY)
-    sched = ddim_scheduler(pipe, config.sample_steps)
-    device = next(unet.parameters()).device
-    conds, uncond = E.encode(pipe, prompts, device), E.encode(pipe, [""], device)
-    generator = torch.Generator().manual_seed(data.seed)
-    data.log(f"[sdd] removing {', '.join(map(repr, prompts))} ({config.train_params}, EMA "
-             f"{config.ema_decay}, {config.steps} steps, lr {config.lr})")
-    for step in range(config.steps):
-        k = E.prompt_at(step, len(prompts))
-        batch = sdd_batch(pipe, student, teacher.module, sched, conds[k:k + 1], uncond, config,
-                          generator)
-        loss = E.train_step(student, optimizer, batch, MAX_GRAD_NORM)
-        teacher.update(student)
-        E.log_progress(data.log, "sdd", step, config.steps, loss, prompts[k])
+    data.log(f"[sdd] removing {', '.join(map(repr, concepts.prompts))} ({config.train_params}, "
+             f"EMA {config.ema_decay}, {config.steps} steps, lr {config.lr})")
+    E.train_concepts(student, optimizer, concepts, config.steps, lambda cond: sdd_batch(
+        pipe, student, teacher.module, concepts.sched, cond, concepts.uncond, config,
+        concepts.generator), data.log, "sdd", MAX_GRAD_NORM, lambda: teacher.update(student))
     return E.selected_tensors(teacher.module, select, next(unet.parameters()).dtype)
 
 

@@ -21,6 +21,7 @@ from harness.errors import DiffbenchError
 from harness.method import MethodHandle, register_method
 from harness.params import param
 from harness.steps import StepContext
+from methods._common.unet import require_unet
 
 
 @register_method("skip_tuning", touches=("unet.skips",))
@@ -80,10 +81,7 @@ def scale_hook(rhos: tuple[float, ...]) -> Any:
 
 def apply(pipe: Any, config: SkipTuningConfig, ctx: StepContext) -> MethodHandle:
     """Register a skip-scaling pre-hook on every up block whose skips are not all at rho 1."""
-    unet = getattr(pipe, "unet", None)
-    if unet is None or not hasattr(unet, "up_blocks"):
-        raise DiffbenchError("skip_tuning needs a UNet pipeline (pipe.unet with skip connections); "
-                             f"{type(pipe).__name__} has none")
+    unet = require_unet(pipe, "skip_tuning", "pipe.unet with skip connections")
     handle = MethodHandle(pipe, "skip_tuning", config)
     for block, rhos in zip(unet.up_blocks, up_block_scales(unet, config)):
         if any(rho != 1.0 for rho in rhos):

@@ -3,7 +3,7 @@
 Temporal Dynamic Quantization: each quantised layer's activation step size is a small MLP of
 the timestep, precomputed into a table per sampler step.
 
-Quantised layers and grids are those of the static baselines (ptq_static.py): every Conv2d and
+Quantised layers and grids are those of the static baselines (_common/quant.py): every Conv2d and
 Linear of the UNet, weights per output channel symmetric, inputs per tensor symmetric (zero
 point 0, grid {-Qp..Qp}, Qp = 2^(b-1) - 1). What TDQ changes is the input step size: for layer l
 it is s_l(t) = softplus(MLP_l(I(t))) (paper Sec. 4.2, Fig. 4), I(t) the geometric Fourier
@@ -31,12 +31,11 @@ Paper recipe (Sec. 5): TDQ added to LSQ QAT on DDIM CIFAR-10 and LDM LSUN, train
 models' training data with their own training loss for the full QAT schedule, and to PTQ4DM /
 Q-Diffusion-style PTQ (BRECQ block reconstruction on calibration data drawn across timesteps);
 dropout in the TDQ MLP during training (released code); 8-bit down to 4-bit and lower. Our
-default budget: 32 calibration prompts x 20 steps, 300 Adam steps fitting the MLPs (seconds),
-plus in "qat" mode 200 distillation steps of batch 4 (about a minute on the embedded mini-sd
-on CPU). Deviations: the PTQ fit targets per-timestep min-max / percentile ranges instead of
-BRECQ reconstruction; QAT distils the FP model on its own samples (data-free) instead of the
-training set; no dropout; attention matmuls are not quantised; fake quantisation only (no
-integer kernels, no speed-up).
+default budget: 32 calibration prompts x 20 steps, 300 Adam steps fitting the MLPs, plus in
+"qat" mode 200 distillation steps of batch 4. Deviations: the PTQ fit targets per-timestep
+min-max / percentile ranges instead of BRECQ reconstruction; QAT distils the FP model on its
+own samples (data-free) instead of the training set; no dropout; attention matmuls are not
+quantised; fake quantisation only (no integer kernels, no speed-up).
 """
 
 from __future__ import annotations
@@ -53,24 +52,27 @@ from harness.method import MethodHandle, register_method
 from harness.params import param
 from harness.prepare import PrepareData
 from harness.steps import StepContext
-from methods import ptq_static
-from methods.fake_quant import grad_scale, step_from_range
-from methods.ptq_static import (
+from methods._common.quant import (
     TOUCHES,
     ActSteps,
+    check_layer_count,
+    grad_scale,
+    install,
+    quant_layers,
+    require_quant_unet,
+    step_from_range,
+    weight_steps,
+)
+from methods._common.quant_train import (
     Calibration,
-    LSQConfig,
+    LSQTrainingConfig,
     QuantStudent,
     act_grad_scales,
     calibrate,
-    check_layer_count,
+    calibration_prompts,
     distill,
-    install,
     lsq_optimizer,
-    quant_layers,
     static_act_steps,
-    unet_of,
-    weight_steps,
 )
 
 ENC_DIM, HIDDEN, DEPTH = 64, 64, 4  # encoding width, MLP width, linear layers (released code)
@@ -79,7 +81,7 @@ MAX_PERIOD = 10000.0
 
 @register_method("tdq", touches=TOUCHES)
 @dataclass(frozen=True)
-class TDQConfig(LSQConfig):
+class TDQConfig(LSQTrainingConfig):
     """TDQ: bit widths, calibration budget, PTQ fit or QAT distillation of the step MLPs."""
 
     mode: str = param("ptq", "fit the MLPs to per-timestep ranges (ptq) or then distil (qat)",
@@ -177,14 +179,12 @@ def fit_to_ranges(mlp: TDQModules, calib: Calibration, bits: int, steps: int, lr
     return losses
 
 
-def training_prompts(config: TDQConfig, data: PrepareData) -> tuple[str, ...]:
-    """The calibration prompts, as for the static baselines."""
-    return ptq_static.training_prompts(config, data)
+training_prompts = calibration_prompts  # the calibration prompts, as for the static baselines
 
 
 def prepare(pipe: Any, config: TDQConfig, data: PrepareData) -> dict[str, torch.Tensor]:
     """Calibrate, fit the MLPs to the per-timestep ranges, and in "qat" mode distil."""
-    unet = unet_of(pipe, "tdq")
+    unet = require_quant_unet(pipe, "tdq")
     calib = calibrate(pipe, unet, config, data)
     generator = torch.Generator().manual_seed(data.seed)
     mlp = TDQModules(static_act_steps(calib, config.a_bits), generator)
@@ -245,7 +245,7 @@ class StepTable:
 def apply(pipe: Any, config: TDQConfig, ctx: StepContext,
           artifact: dict[str, torch.Tensor]) -> MethodHandle:
     """Fake-quantise the UNet's Conv2d/Linear layers with per-step input steps from the table."""
-    unet = unet_of(pipe, "tdq")
+    unet = require_quant_unet(pipe, "tdq")
     layers = quant_layers(unet)
     mlp = TDQModules.from_artifact(artifact).to(next(unet.parameters()).device)
     check_layer_count("tdq", len(layers), artifact["tdq.w0"].shape[0])

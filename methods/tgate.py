@@ -22,10 +22,11 @@ from typing import Any
 
 import torch
 
-from harness.errors import DiffbenchError
 from harness.method import MethodHandle, register_method
 from harness.params import param
 from harness.steps import StepContext
+from methods._common.cache import GenerationCache
+from methods._common.unet import require_unet
 
 
 @register_method("tgate", touches=("attention.cross", "guidance"))
@@ -57,21 +58,18 @@ def _halve(value: Any, batch: int) -> Any:
     return value
 
 
-class _Gate:
-    """Per-generation caches and the phase of the UNet call in progress."""
+class _Gate(GenerationCache):
+    """Per-generation caches ((kind, block) -> output) and the phase of the UNet call."""
 
     def __init__(self, config: TGateConfig, ctx: StepContext, unet: Any):
-        self.config, self.ctx, self.unet = config, ctx, unet
-        self.cache: dict[tuple[str, str], torch.Tensor] = {}  # (kind, block) -> output
-        self.generation: int | None = None
+        super().__init__(ctx)
+        self.config, self.unet = config, unet
         self.phase, self.doubled, self.halved = "plan", False, False
 
     def before_unet(self, module: Any, args: tuple, kwargs: dict) -> tuple | None:
         """Pre-hook: set the phase; after the gate keep only the CFG batch's conditional half."""
         ctx = self.ctx
-        if ctx.generation != self.generation:
-            self.clear()
-            self.generation = ctx.generation
+        self.new_generation()
         self.phase = phase_of(ctx.step, ctx.num_steps, self.config.gate_step)
         sample = args[0] if args else kwargs["sample"]
         batch = sample.shape[0]
@@ -99,14 +97,14 @@ class _Gate:
         def gated(*args: Any, **kwargs: Any) -> torch.Tensor:
             if self.phase == "reuse" and not fresh(self.ctx.step):
                 x = args[0] if args else kwargs["hidden_states"]
-                hit = self.cache.get(key)
+                hit = self.store.get(key)
                 if hit is not None and hit.shape[:2] == x.shape[:2]:
                     return hit
             out = forward(*args, **kwargs)
             if self.phase == "gate":
-                self.cache[key] = self._cfg_mean(out)
+                self.store[key] = self._cfg_mean(out)
             elif self.phase == "reuse":
-                self.cache[key] = out
+                self.store[key] = out
             return out
 
         return gated
@@ -119,7 +117,7 @@ class _Gate:
         return (uncond + cond) / 2
 
     def clear(self) -> None:
-        self.cache.clear()
+        super().clear()
         self.phase, self.doubled, self.halved = "plan", False, False
 
 
@@ -132,11 +130,8 @@ def attention_pairs(unet: Any) -> list[tuple[str, Any, Any]]:
 
 def apply(pipe: Any, config: TGateConfig, ctx: StepContext) -> MethodHandle:
     """Hook the UNet (phase, CFG halving) and wrap every attn2 (and attn1 when interval > 1)."""
-    unet = getattr(pipe, "unet", None)
-    pairs = attention_pairs(unet) if unet is not None else []
-    if not pairs:
-        raise DiffbenchError("tgate needs a UNet pipeline with cross-attention blocks (pipe.unet); "
-                             f"{type(pipe).__name__} has none")
+    unet = require_unet(pipe, "tgate", "pipe.unet with cross-attention blocks", attention_pairs)
+    pairs = attention_pairs(unet)
     handle = MethodHandle(pipe, "tgate", config)
     gate = _Gate(config, ctx, unet)
     # prepend: other methods' UNet hooks see the halved batch and the 2N output

@@ -25,6 +25,7 @@ from harness.errors import DiffbenchError
 from harness.method import MethodHandle, register_method
 from harness.params import param
 from harness.steps import StepContext
+from methods._common.unet import require_unet
 
 
 @register_method("tome", touches=("attention.tokens",))
@@ -209,11 +210,8 @@ def transformer_blocks(unet: Any) -> list[tuple[str, Any]]:
 
 def apply(pipe: Any, config: ToMeConfig, ctx: StepContext) -> MethodHandle:
     """Wrap every transformer block's forward with merge/unmerge; ratio 0 wraps nothing."""
-    unet = getattr(pipe, "unet", None)
-    blocks = transformer_blocks(unet) if unet is not None else []
-    if not blocks:
-        raise DiffbenchError("tome needs a UNet pipeline with transformer blocks (pipe.unet); "
-                             f"{type(pipe).__name__} has none")
+    unet = require_unet(pipe, "tome", "pipe.unet with transformer blocks", transformer_blocks)
+    blocks = transformer_blocks(unet)
     for name, block in blocks:
         check_block(name, block)
     if not (config.merge_attn or config.merge_crossattn or config.merge_mlp):

@@ -23,10 +23,7 @@ weights and images are bit-identical to the baseline.
 
 Paper recipe (SD-1.4): no training; official erasure defaults e = 1, p = 0.1 (preserve on, e.g.
 the other artists for art erasure), r = 0.5, the "replace" technique, keys and values edited.
-Our defaults are the same (the edit takes about a second on mini-sd). Measured on mini-sd
-(concept "red", template "a large {},a small {}", 12 red-shape prompts): red pixels 27% -> 0%;
-with the other seven colours as `preserve`, blue shapes of blue prompts stay at 24-25%
-(without it they grow to 40%: the edit leaks into other prompts).
+Our defaults are the same.
 Deviations: the official "tensor" technique (projecting out the concept direction) is not
 implemented; its optional prompt augmentations ("painting by {concept}", ...) are expressed as
 `template`; preserve concepts are given explicitly (the official code falls back to a list of
@@ -46,7 +43,7 @@ from harness.method import MethodHandle, register_method
 from harness.params import param
 from harness.prepare import PrepareData
 from harness.steps import StepContext
-from methods import erasure_losses as E
+from methods._common import erasure as E
 
 PROJECTIONS = ("to_k", "to_v")
 
@@ -145,9 +142,7 @@ def cross_attention_layers(unet: torch.nn.Module) -> list[tuple[str, torch.nn.Mo
             if getattr(m, "is_cross_attention", False) and all(hasattr(m, p) for p in PROJECTIONS)]
 
 
-def training_prompts(config: Any, data: PrepareData) -> tuple[str, ...]:
-    """None of the cell's prompts: training reads the concept prompts (in the config) only."""
-    return ()
+training_prompts = E.no_cell_prompts
 
 
 def prepare(pipe: Any, config: UCEConfig, data: PrepareData) -> dict[str, torch.Tensor]:

@@ -5,7 +5,7 @@ from harness.errors import DiffbenchError
 from harness.method import METHODS
 from harness.prepare import PrepareData
 from harness.steps import StepContext
-from methods import unet_blocks as ub
+from methods._common import pool as pooling
 from methods.ase import (
     ASEConfig,
     ExitDepth,
@@ -95,7 +95,7 @@ def _fixed_batch(pipe, seed=0, t=(999, 10, 900, 50)):
     x0 = torch.randn(len(t), 4, 8, 8, generator=gen)
     noise = torch.randn(x0.shape, generator=gen)
     t = torch.tensor(t)
-    return ub.Batch(x_t=pipe.scheduler.add_noise(x0, noise, t), t=t, noise=noise, x0=x0,
+    return pooling.Batch(x_t=pipe.scheduler.add_noise(x0, noise, t), t=t, noise=noise, x0=x0,
                     cond=torch.randn(len(t), 7, 32, generator=gen))
 
 

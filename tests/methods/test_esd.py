@@ -6,7 +6,7 @@ import torch
 from harness.errors import DiffbenchError
 from harness.method import METHODS
 from harness.prepare import PrepareData
-from methods import erasure_losses as E
+from methods._common import erasure as E
 from methods._common.training import ddim_scheduler, guided, trainable_copy
 from methods.esd import esd_batch, selector
 from tests.methods.contract import (

@@ -5,8 +5,9 @@ from harness.errors import DiffbenchError
 from harness.method import METHODS
 from harness.prepare import ArtifactCache, PrepareData, prepare_artifacts
 from harness.steps import StepContext
-from methods import unet_blocks as ub
-from methods.erasure_losses import esd_target
+from methods._common import pool as pooling
+from methods._common import unet as U
+from methods._common.erasure import esd_target
 from methods.prune_distill import (
     distill_loss,
     make_student,
@@ -88,7 +89,7 @@ def test_training_plan(mode, steps, every, expected):
 
 
 def test_suppression_target_hand_values():
-    """The upper level's target is ESD's (erasure_losses.esd_target, shared with `esd`)."""
+    """The upper level's target is ESD's (_common.erasure.esd_target, shared with `esd`)."""
     e_c, e_u = torch.tensor([1.0, 2.0]), torch.tensor([0.5, 0.5])
     assert esd_target(e_u, e_c, 1.0).tolist() == [0.0, -1.0]
     assert esd_target(e_u, e_c, 2.0).tolist() == [-0.5, -2.5]
@@ -97,8 +98,8 @@ def test_suppression_target_hand_values():
 
 def _batch(pipe, prompts, seed, uncond_prob=0.0):
     gen = torch.Generator().manual_seed(seed)
-    pool = ub.teacher_pool(pipe, prompts, 4, 1, gen)
-    return pool, ub.sample_batch(pipe, pool, 4, gen, uncond_prob=uncond_prob)
+    pool = pooling.teacher_pool(pipe, prompts, 4, 1, gen)
+    return pool, pooling.sample_batch(pipe, pool, 4, gen, uncond_prob=uncond_prob)
 
 
 def _step(student, loss, lr):
@@ -118,7 +119,7 @@ def test_one_distillation_step_lowers_the_loss_and_trains_only_kept_units(tiny_p
     _step(student, loss, 1e-4)
     assert distill_loss(tiny_pipe, student, batch, config) < loss
     changed = {k for k, v in student.unet.state_dict().items() if not torch.equal(v, before[k])}
-    removed = ub.unit_parameter_names(student.unet, ub.select_units(student.unet, REMOVE, "t"))
+    removed = U.unit_parameter_names(student.unet, U.select_units(student.unet, REMOVE, "t"))
     assert changed and not changed & removed
     assert all(not student.unet.get_parameter(k).requires_grad for k in removed)
     assert all(not m._forward_hooks for m in tiny_pipe.unet.modules())  # teacher hooks removed
@@ -133,7 +134,7 @@ def test_feature_distillation_compares_every_kept_block_output(tiny_pipe):
         loss = distill_loss(tiny_pipe, student, batch, config)
         student_feats = dict(student.features)
         teacher_feats = {}
-        hooks = ub.capture_block_outputs(tiny_pipe.unet, teacher_feats, ("mid_block",))
+        hooks = U.capture_block_outputs(tiny_pipe.unet, teacher_feats, ("mid_block",))
         tiny_pipe.unet(batch.x_t, batch.t, encoder_hidden_states=batch.cond)
         for h in hooks:
             h.remove()
@@ -202,13 +203,13 @@ def test_training_data_come_from_train_prompts_and_concept_prompts(tiny_pipe, mo
     """Distillation data from `train_prompts` (else the cell's prompts); suppression data from
     every comma-separated concept prompt."""
     seen = []
-    real_pool = ub.teacher_pool
+    real_pool = pooling.teacher_pool
 
     def spy(pipe, prompts, *args, **kwargs):
         seen.append(list(prompts))
         return real_pool(pipe, prompts, *args, **kwargs)
 
-    monkeypatch.setattr(ub, "teacher_pool", spy)
+    monkeypatch.setattr(pooling, "teacher_pool", spy)
     spec = METHODS.get("prune_distill")
     data = PrepareData(model="tiny-sd@none", prompts=("cell prompt",), log=lambda _: None)
     config = spec.config({"remove": REMOVE, "mode": "bilevel", "upper_every": 1, **TINY,

@@ -10,17 +10,14 @@ from harness.errors import DiffbenchError
 from harness.method import METHODS
 from harness.prepare import PrepareData
 from harness.steps import StepContext
-from methods.fake_quant import fake_quant, qmax
-from methods.ptq_static import (
+from methods._common.quant import fake_quant, grad_scale, qmax, quant_layers, weight_steps
+from methods._common.quant_train import (
     QuantStudent,
     act_grad_scales,
     calibrate,
     distill_loss,
-    grad_scale,
     lsq_optimizer,
-    quant_layers,
     static_act_steps,
-    weight_steps,
 )
 from tests.methods.contract import (
     PROMPTS,

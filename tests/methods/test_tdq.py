@@ -9,15 +9,13 @@ import torch.nn.functional as F
 
 from harness.method import METHODS
 from harness.steps import StepContext
-from methods.fake_quant import fake_quant, qmax
-from methods.ptq_static import (
-    ActSteps,
+from methods._common.quant import ActSteps, fake_quant, qmax, quant_layers
+from methods._common.quant_train import (
     QuantStudent,
     act_grad_scales,
     calibrate,
     distill_loss,
     lsq_optimizer,
-    quant_layers,
 )
 from methods.tdq import (
     ENC_DIM,

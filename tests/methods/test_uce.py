@@ -6,7 +6,7 @@ import torch
 from harness.errors import DiffbenchError
 from harness.method import METHODS
 from harness.prepare import PrepareData
-from methods import erasure_losses as E
+from methods._common import erasure as E
 from methods.uce import (
     aligned_rows,
     concept_keys,

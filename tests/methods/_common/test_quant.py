@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from methods.fake_quant import (
+from methods._common.quant import (
     abs_percentile,
     channel_steps,
     fake_quant,

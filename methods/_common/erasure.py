@@ -1,4 +1,4 @@
-"""Shared pieces of the concept-erasure methods (ESD, SDD, UCE): concepts, parameter sets, targets.
+"""The concept-erasure toolkit of ESD, SDD and UCE (and prune_distill's ESD target, eq. 3).
 
 Not a method (registers nothing). Holds what the three papers share: how a `concept` string
 becomes text conditioning (comma-separated concepts, each put into every comma-separated
@@ -20,7 +20,15 @@ import torch.nn.functional as F
 
 from harness.errors import DiffbenchError
 from harness.method import MethodHandle
-from methods._common.training import guided, latent_shape, swap_in_parameters, text_embeddings
+from methods._common import sampling
+from methods._common.training import (
+    ddim_scheduler,
+    guided,
+    latent_shape,
+    swap_in_parameters,
+    text_embeddings,
+)
+from methods._common.unet import require_unet as require_denoiser_unet
 
 LOG_EVERY = 25  # training steps between progress lines
 TEMPLATE_DOC = ("prompt template(s) each concept is put into, comma-separated, {} = the concept; "
@@ -59,6 +67,11 @@ def concept_prompts(concepts: tuple[str, ...], template: str,
     return tuple((i, t.replace("{}", c)) for i, c in enumerate(concepts) for t in templates)
 
 
+def no_cell_prompts(config: Any, data: Any) -> tuple[str, ...]:
+    """None of the cell's prompts: training reads the concept prompts (in the config) only."""
+    return ()
+
+
 def prompt_at(step: int, n_prompts: int) -> int:
     """Index of the prompt trained at `step`: round-robin (SDD's "iterative" schedule)."""
     return step % n_prompts
@@ -93,14 +106,17 @@ def selected_tensors(module: torch.nn.Module, select: Callable[[str], bool],
 
 
 # --- the pipeline --------------------------------------------------------------------------
+def has_cross_attention(unet: Any) -> bool:
+    """Whether any of the UNet's attention modules attends to text (cross-attention)."""
+    return any(getattr(m, "is_cross_attention", False) for m in unet.modules())
+
+
 def require_unet(pipe: Any, owner: str) -> torch.nn.Module:
     """The pipeline's text-conditioned UNet (SD-1/2 layout); one-line error otherwise."""
-    unet = getattr(pipe, "unet", None)
-    has_xattn = unet is not None and any(
-        getattr(m, "is_cross_attention", False) for m in unet.modules())
-    if not has_xattn or getattr(pipe, "text_encoder", None) is None:
-        raise DiffbenchError(f"{owner} needs a text-to-image UNet pipeline with cross-attention "
-                             f"(pipe.unet, pipe.text_encoder); {type(pipe).__name__} has none")
+    unet = require_denoiser_unet(
+        pipe, owner, "pipe.unet with cross-attention, pipe.text_encoder",
+        lambda u: has_cross_attention(u) and getattr(pipe, "text_encoder", None) is not None,
+        kind="text-to-image UNet")
     if getattr(unet.config, "addition_embed_type", None) is not None:
         raise DiffbenchError(f"{owner} supports SD-1/2 style UNets; this one needs added "
                              f"conditioning ({unet.config.addition_embed_type}, e.g. SDXL)")
@@ -145,12 +161,8 @@ def sample_xt(pipe: Any, unet: torch.nn.Module, sched: Any, cond: torch.Tensor,
     stop = int(torch.randint(0, n, (1,), generator=generator))
     x = torch.randn(latent_shape(pipe, batch), generator=generator).to(device)
     x = x * sched.init_noise_sigma
-    for t in sched.timesteps[:stop]:
-        x_in = sched.scale_model_input(x, t)
-        eps = unet_eps(unet, x_in, t, cond)
-        if guidance != 1.0:
-            eps = guided(unet_eps(unet, x_in, t, uncond), eps, guidance)
-        x = sched.step(eps, t, x).prev_sample
+    predict = sampling.separate_cfg(lambda x_in, t, emb: unet_eps(unet, x_in, t, emb), cond, uncond)
+    x = sampling.sample(sched, x, predict, None if guidance == 1.0 else guidance, stop=stop)
     low, high = ddpm_interval(stop, n, sched.config.num_train_timesteps)
     return x, torch.randint(low, high, (batch,), generator=generator).to(device)
 
@@ -193,6 +205,54 @@ def log_progress(log: Callable[[str], None], owner: str, step: int, steps: int,
     """A progress line every LOG_EVERY steps and at the last one."""
     if (step + 1) % LOG_EVERY == 0 or step + 1 == steps:
         log(f"[{owner}] step {step + 1}/{steps} loss {loss:.5f} (prompt {prompt!r})")
+
+
+# --- the concept training loop (ESD, SDD) ------------------------------------------------------
+@dataclass
+class ConceptData:
+    """The concept prompts, their and the empty prompt's text states, the private DDIM
+    scheduler of the x_t trajectories and the training generator."""
+
+    prompts: list[str]
+    conds: torch.Tensor
+    uncond: torch.Tensor
+    sched: Any
+    generator: torch.Generator
+
+
+def concept_data(pipe: Any, unet: torch.nn.Module, config: Any, owner: str,
+                 seed: int) -> ConceptData:
+    """ConceptData of a config with `concept`, `template` and `sample_steps`."""
+    prompts = [p for _, p in concept_prompts(require_concepts(config.concept, owner),
+                                             config.template, owner)]
+    sched = ddim_scheduler(pipe, config.sample_steps)
+    device = next(unet.parameters()).device
+    conds, uncond = encode(pipe, prompts, device), encode(pipe, [""], device)
+    return ConceptData(prompts, conds, uncond, sched, torch.Generator().manual_seed(seed))
+
+
+@torch.no_grad()
+def trajectory_xt(pipe: Any, student: torch.nn.Module, sched: Any, cond: torch.Tensor,
+                  uncond: torch.Tensor, config: Any, generator: torch.Generator
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(cond, uncond, x_t, t): the conditioning expanded to `config.batch_size` and x_t on the
+    student's own trajectory (`sample_xt` with `config.sample_guidance`)."""
+    cond = cond.expand(config.batch_size, -1, -1)
+    uncond = uncond.expand(config.batch_size, -1, -1)
+    x_t, t = sample_xt(pipe, student, sched, cond, uncond, config.sample_guidance, generator)
+    return cond, uncond, x_t, t
+
+
+def train_concepts(student: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                   data: ConceptData, steps: int, batch: Callable[[torch.Tensor], Batch],
+                   log: Callable[[str], None], owner: str, max_grad_norm: float | None = None,
+                   after_step: Callable[[], None] = lambda: None) -> None:
+    """`steps` optimizer steps, the concept prompts round-robin: batch(cond of the prompt)."""
+    for step in range(steps):
+        k = prompt_at(step, len(data.prompts))
+        loss = train_step(student, optimizer, batch(data.conds[k:k + 1]), max_grad_norm)
+        after_step()
+        log_progress(log, owner, step, steps, loss, data.prompts[k])
 
 
 # --- apply -----------------------------------------------------------------------------------
