@@ -5,12 +5,10 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
-import importlib
-import pkgutil
 from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
-from harness.registry import Registry
+from harness.registry import Registry, plugin_loader
 
 
 def _sum(a: Any, b: Any) -> Any:
@@ -133,14 +131,7 @@ class Metric:
                     else REDUCTIONS[reduce](mine, theirs))
 
 
-def _load_all_metrics() -> None:
-    import metrics
-
-    for info in pkgutil.iter_modules(metrics.__path__):
-        importlib.import_module(f"metrics.{info.name}")
-
-
-METRICS: Registry[type[Metric]] = Registry("metric", loader=_load_all_metrics)
+METRICS: Registry[type[Metric]] = Registry("metric", loader=plugin_loader("metrics"))
 
 
 def check_metric_options(options: Any) -> None:

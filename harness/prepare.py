@@ -28,9 +28,9 @@ from typing import Any
 import torch
 
 from harness import params as P
+from harness.cache import CACHE_ENV, cache_root
 from harness.errors import DiffbenchError
 
-CACHE_ENV = "DIFFBENCH_CACHE"
 ARTIFACT_FORMAT = 1  # bump when a stored artifact's meaning changes
 
 
@@ -55,7 +55,7 @@ class PrepareData:
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "diffbench") / "prepared"
+    return cache_root() / "prepared"
 
 
 def artifact_key(data: PrepareData, method: str, config: Any) -> str:

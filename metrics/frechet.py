@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from harness.cache import cache_root
 from harness.metric import Metric, MetricContext, Observation, register_metric
 from metrics.bootstrap import (
     bootstrap_ci,
@@ -30,7 +31,6 @@ from metrics.bootstrap import (
 
 MIN_N = 5000  # below this, FD is biased high and not comparable across n
 FD_BOOT = 100  # bootstrap resamples for FD: each costs O(n * d * min(n, d)) on the CPU
-CACHE_ENV = "DIFFBENCH_CACHE"
 REFERENCE_ENV = "DIFFBENCH_FID_REF"
 WORLD_REFERENCE_N = 1000
 WORLD_REFERENCE_SEED = 1_000_003  # a seed the training data does not start from
@@ -183,7 +183,7 @@ class RunningMoments:
 
 # --- reference statistics cache --------------------------------------------------------------
 def cache_dir() -> Path:
-    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "diffbench") / "stats"
+    return cache_root() / "stats"
 
 
 def stats_key(dataset: str, extractor: str, resize: str, n: int) -> str:

@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from harness.cache import cache_root
+
 WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
 WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
                + WEIGHTS_FILE)
@@ -248,9 +250,8 @@ def candidate_paths() -> list[Path]:
     if env:
         p = Path(os.path.expanduser(env))
         paths.append(p / WEIGHTS_FILE if p.is_dir() else p)
-    home = Path.home()
-    paths += [home / ".cache" / "diffbench" / WEIGHTS_FILE,
-              home / ".cache" / "torch" / "hub" / "checkpoints" / WEIGHTS_FILE]
+    paths += [cache_root() / WEIGHTS_FILE,
+              Path.home() / ".cache" / "torch" / "hub" / "checkpoints" / WEIGHTS_FILE]
     return paths
 
 
@@ -270,7 +271,7 @@ def download_weights(target: Path | None = None) -> Path:  # pragma: no cover - 
     """Fetch pytorch-fid's weight file (only when the user opts in and is online)."""
     import urllib.request
 
-    target = target or Path.home() / ".cache" / "diffbench" / WEIGHTS_FILE
+    target = target or cache_root() / WEIGHTS_FILE
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_suffix(".part")
     urllib.request.urlretrieve(WEIGHTS_URL, tmp)

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-import tomllib
 
 from harness import params as P
 from harness.errors import DiffbenchError

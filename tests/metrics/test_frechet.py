@@ -250,9 +250,10 @@ class TestFDClipContract(MetricContract):
         return {"clip_model": "tiny-clip"}
 
     def patch_offline(self, monkeypatch, tmp_path):
+        from harness.cache import CACHE_ENV
         from tests.metrics.test_clip_score import patch_hf_clip
 
         patch_hf_clip(monkeypatch)
-        monkeypatch.setenv(fr.CACHE_ENV, str(tmp_path))
+        monkeypatch.setenv(CACHE_ENV, str(tmp_path))
         monkeypatch.setattr(fr, "world_reference_images",
                             lambda n=fr.WORLD_REFERENCE_N, **kw: random_images(0, 8, 32).numpy())

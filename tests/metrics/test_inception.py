@@ -75,7 +75,10 @@ def test_clean_resize_is_pil_bicubic_float():
 
 
 def test_weight_lookup_order(monkeypatch, tmp_path):
+    from harness.cache import CACHE_ENV
+
     monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.delenv(CACHE_ENV, raising=False)
     monkeypatch.setenv(inc.WEIGHTS_ENV, str(tmp_path))
     paths = inc.candidate_paths()
     assert paths[0] == tmp_path / inc.WEIGHTS_FILE
@@ -83,3 +86,5 @@ def test_weight_lookup_order(monkeypatch, tmp_path):
     (tmp_path / ".cache" / "diffbench").mkdir(parents=True)
     (tmp_path / ".cache" / "diffbench" / inc.WEIGHTS_FILE).write_bytes(b"x")
     assert inc.find_weights() == tmp_path / ".cache" / "diffbench" / inc.WEIGHTS_FILE
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))  # the one cache root of diffbench
+    assert inc.candidate_paths()[1] == tmp_path / "cache" / inc.WEIGHTS_FILE
