@@ -4,7 +4,8 @@
 per-pair form whenever no pair has a negative cosine. We follow the code, so numbers match.)
 
 Embeddings are computed here through transformers (torchmetrics 1.9's CLIPScore breaks on
-transformers 5, see ARCHITECTURE.md): the projected image / text embeddings
+transformers 5, whose get_*_features return output objects: torchmetrics issue 3407, fixed after
+1.9.0): the projected image / text embeddings
 (`get_image_features` / `get_text_features`). The embedded model (mini-sd) is scored with its
 own mini-CLIP; other models with a transformers CLIP by name or local path
 (default openai/clip-vit-base-patch32, as MLPerf). The model is named in `clip_model`.
