@@ -22,7 +22,9 @@ def test_key_steps_store_and_non_key_steps_reuse():
         cache.before_denoiser(None, (), {"sample": x})
         layer(x)
     assert runs == [0, 2]  # steps 1 and 3 reuse the key step's output
-    assert not cache.keep and cache.store == {}  # the last step keeps nothing
+    assert not cache.keep  # the last step keeps nothing for a next step
+    cache.clear()
+    assert cache.store == {} and cache.shape == {}
 
 
 def test_calls_within_a_step_and_shapes_are_kept_apart():
