@@ -17,14 +17,15 @@ from harness.models.build import in_dtype, local_clip_tokenizer, local_t5_tokeni
 from harness.models.registry import register_model
 from harness.models.zoo import DIT_BETAS, dit_kwargs, pixart_kwargs
 
+# KL-f2 VAE of every tiny build: 32x32x3 <-> 16x16x4.
+TINY_VAE = dict(block_out_channels=(16, 32), in_channels=3, out_channels=3, latent_channels=4,
+                down_block_types=("DownEncoderBlock2D",) * 2,
+                up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=8, sample_size=32)
 # 4 transformer blocks, 2 heads x 16 = width 32, learned sigma (8 output channels) as DiT-XL/2.
 TINY_BLOCKS = dict(num_layers=4, num_attention_heads=2, attention_head_dim=16, in_channels=4,
                    out_channels=8, patch_size=2, sample_size=16, attention_bias=True,
                    activation_fn="gelu-approximate", num_embeds_ada_norm=1000,
                    norm_elementwise_affine=False)
-TINY_VAE = dict(block_out_channels=(16, 32), in_channels=3, out_channels=3, latent_channels=4,
-                down_block_types=("DownEncoderBlock2D",) * 2,
-                up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=8, sample_size=32)
 
 
 @register_model("tiny-sd", pipeline_class="StableDiffusionPipeline", resolution=32, steps=10,
@@ -46,11 +47,7 @@ def build_tiny_sd(dtype: torch.dtype = torch.float32) -> Any:
             down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
             up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), norm_num_groups=8,
         )
-        vae = AutoencoderKL(
-            block_out_channels=(16, 32), in_channels=3, out_channels=3, latent_channels=4,
-            down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-            norm_num_groups=8, sample_size=32,
-        )
+        vae = AutoencoderKL(**TINY_VAE)
         tokenizer = local_clip_tokenizer(model_max_length=77)
         text_encoder = CLIPTextModel(CLIPTextConfig(
             vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
