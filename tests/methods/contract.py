@@ -1,4 +1,4 @@
-"""The shared contract every method adapter passes (DESIGN.md, "Method adapter")."""
+"""The shared contract every method adapter passes (ARCHITECTURE.md, "How to add": a method)."""
 
 from __future__ import annotations
 

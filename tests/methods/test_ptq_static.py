@@ -40,7 +40,7 @@ def image_error(contract: MethodContract, pipe, spec, baseline, params: dict) ->
 
 
 class QuantContract(MethodContract):
-    """Quantisation: the 16-bit identity is within tolerance, not bit-exact (DESIGN.md)."""
+    """Quantisation: the 16-bit identity is within tolerance, not bit-exact."""
 
     identity_params = None
     base_params: dict = TINY_CALIB
