@@ -8,6 +8,7 @@ import difflib
 from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
+from harness.errors import DiffbenchError
 from harness.registry import Registry, plugin_loader
 
 
@@ -137,8 +138,6 @@ METRICS: Registry[type[Metric]] = Registry("metric", loader=plugin_loader("metri
 def check_metric_options(options: Any) -> None:
     """Refuse, in one line, a suite's `[metric_options]` that names an unknown metric, is not a
     table of tables, or gives a metric an option it does not read (`Metric.option_names`)."""
-    from harness.errors import DiffbenchError
-
     if not isinstance(options, Mapping):
         raise DiffbenchError(f"[metric_options] must be a table of [metric_options.<metric>] "
                              f"tables, got {type(options).__name__}")
