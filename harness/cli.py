@@ -148,7 +148,8 @@ def cmd_list(args: argparse.Namespace) -> int:
             print(f"{name:12s} {doc[0] if doc else ''}")
     elif args.what == "models":
         for name, spec in MODELS.items():
-            source = spec.hub_id if spec.default_weights == "pretrained" else "random weights"
+            source = ("embedded weights" if spec.embedded_weights else spec.hub_id
+                      if spec.default_weights == "pretrained" else "random weights")
             print(f"{name:14s} {spec.resolution}px {spec.steps} steps  {source}  "
                   f"{spec.description}")
     else:
