@@ -14,7 +14,7 @@ from harness.errors import DiffbenchError
 
 DEFAULT_SUITE = "default"
 SETTING_FLAGS = ("model", "weights", "prompts", "n_images", "steps", "guidance", "resolution",
-                 "seed", "dtype", "device", "batch_size")
+                 "seed", "dtype", "device", "batch_size", "compile")
 
 
 def _run_parser(sub: Any) -> None:
@@ -31,8 +31,13 @@ def _run_parser(sub: Any) -> None:
     for flag in ("n-images", "steps", "resolution", "batch-size"):
         p.add_argument(f"--{flag}", type=int)
     p.add_argument("--guidance", type=float)
-    p.add_argument("--repeats", type=int, help="timed calls per cell (default 3)")
-    p.add_argument("--warmup", type=int, help="untimed warm-up calls per cell (default 1)")
+    p.add_argument("--compile", action="append", metavar="MODE",
+                   help="torch.compile after the method: off, denoiser, regional, max-autotune; "
+                        "repeatable (an axis of the grid)")
+    p.add_argument("--timing", action="append", metavar="K=V[,K=V]",
+                   help="timing settings, repeatable: calls, min_rounds, max_rounds, target, "
+                        "budget_s, reject_k, warmup, warmup_max, agree, threads, flops")
+    p.add_argument("--threads", type=int, help="torch CPU threads (timing.threads; 0: default)")
     p.add_argument("--flops", choices=("auto", "real", "fake", "off"))
     p.add_argument("--out", help="output folder (default: diffbench-runs/<suite name>)")
     p.add_argument("--backend", choices=("local", "ray"), default="local",
@@ -104,8 +109,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     elif args.param:
         raise DiffbenchError("--param needs --method")
     run_config = config.load_suite(args.suite or DEFAULT_SUITE, overrides, methods)
-    timing = {k: getattr(args, k) for k in ("repeats", "warmup", "flops") if getattr(args, k)
-              is not None}
+    timing = params.parse_assignments([a for t in args.timing or () for a in t.split(",")],
+                                      "--timing")
+    timing.update({k: getattr(args, k) for k in ("threads", "flops") if getattr(args, k)
+                   is not None})
     if timing:
         timing = {**dataclasses.asdict(run_config.timing), **timing}
         run_config = dataclasses.replace(run_config,
@@ -119,14 +126,26 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+SUMMARY = ("model", "method", "params", "steps", "compile", "speedup", "latency_s",
+           "flops_ratio", "peak_mem_mb", "fd_clip", "fid", "clip_score", "psnr", "nsfw_ratio",
+           "concept_ratio", "status")
+
+
 def _summary(csv_path: Path) -> str:
-    """A short table of the leaderboard's main columns."""
+    """The leaderboard's main columns: speed with its interval, cost, quality, status; columns
+    no row has a value for are left out."""
     from harness.run.leaderboard import read_csv
 
-    cols = ("model", "method", "params", "steps", "latency_s", "images_per_s", "speedup",
-            "peak_mem_mb", "flops_per_image", "flops_ratio", "status")
-    rows = [[r.get(c, "") for c in cols] for r in read_csv(csv_path)]
-    rows = [[v if len(v) <= 40 else v[:37] + "..." for v in r] for r in rows]
+    def shown(r: dict[str, str], c: str) -> str:
+        value = r.get(c, "")
+        if c == "speedup" and value and r.get("speedup_ci_lo"):
+            value = f"{float(value):.3f} [{float(r['speedup_ci_lo']):.3f}, " \
+                    f"{float(r['speedup_ci_hi']):.3f}]"
+        return value if len(value) <= 40 else value[:37] + "..."
+
+    records = read_csv(csv_path)
+    cols = [c for c in SUMMARY if any(r.get(c) for r in records) or c in ("model", "method")]
+    rows = [[shown(r, c) for c in cols] for r in records]
     widths = [max(len(x) for x in col) for col in zip(cols, *rows)]
     return "\n".join("  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip()
                      for r in [list(cols), *rows])

@@ -52,7 +52,11 @@ class Observation:
 
     n_images: int
     seconds: float | None = None  # wall time of the call, device-synchronised on both ends
+    baseline_seconds: float | None = None  # the baseline's call in the same paired round
+    cpu_seconds: float | None = None  # process CPU seconds of the call
+    rejected: bool = False  # a paired round the stall rule left out
     stage_seconds: dict[str, float] | None = None  # text_encoder / denoise / decode
+    step_seconds: list[float] | None = None  # each denoiser forward of one call
     peak_bytes: int | None = None  # peak memory during the call
     memory_kind: str = ""  # what peak_bytes measures: cuda_allocated, rss_peak, rss_lifetime
     flops: int | None = None  # floating-point operations of the whole call

@@ -1,15 +1,17 @@
-"""Per-stage wall time of one pipeline call: text encoders, denoising loop, VAE decode."""
+"""Per-stage wall time of one pipeline call: text encoders, denoising loop, VAE decode, and the
+median time of one denoising step (one denoiser forward, timed with CUDA events on a GPU)."""
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import statistics
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
 from harness.metric import Metric, Observation, register_metric
-from metrics.latency import synchronize
+from metrics.latency import DeviceClock, synchronize
 
 STAGES = ("text_encoder", "denoise", "decode")
 
@@ -36,6 +38,13 @@ class StageClock:
 
     seconds: dict[str, float] = dataclasses.field(
         default_factory=lambda: dict.fromkeys(STAGES, 0.0))
+    marks: list[tuple[Any, Any]] = dataclasses.field(default_factory=list)
+    clock: DeviceClock | None = None
+
+    @property
+    def step_seconds(self) -> list[float]:
+        """Seconds of each denoiser forward, from device-timeline marks (read after the call)."""
+        return [self.clock.seconds(a, b) for a, b in self.marks] if self.clock else []
 
 
 @contextlib.contextmanager
@@ -47,8 +56,9 @@ def stage_timer(pipe: Any, device: str) -> Iterator[StageClock]:
     decode: sum over `vae.decode` calls. The device is synchronised at every boundary. Hooks
     are removed and the `vae.decode` wrapper (an instance attribute) deleted on exit.
     """
-    clock = StageClock()
+    clock = StageClock(clock=DeviceClock(device))
     times = clock.seconds
+    step_start: list[Any] = []
     denoise_start: list[float] = []
     started: list[float] = []
 
@@ -65,8 +75,10 @@ def stage_timer(pipe: Any, device: str) -> Iterator[StageClock]:
     def denoise_pre(module: Any, args: Any) -> None:
         if not denoise_start:
             denoise_start.append(now())
+        step_start.append(clock.clock.mark())
 
     def denoise_post(module: Any, args: Any, output: Any) -> None:
+        clock.marks.append((step_start.pop(), clock.clock.mark()))
         times["denoise"] = now() - denoise_start[0]
 
     handles = []
@@ -116,7 +128,8 @@ def _wrap_decode(vae: Any, times: dict[str, float], now: Callable[[], float]) ->
 
 @register_metric("stages")
 class StageTimes(Metric):
-    """Mean seconds per call of each stage (text encoders, denoising loop, VAE decode)."""
+    """Mean seconds per call of each stage (text encoders, denoising loop, VAE decode); `step_ms`,
+    the median milliseconds of one denoiser forward (one denoising step)."""
 
     higher_is_better = False
 
@@ -125,6 +138,7 @@ class StageTimes(Metric):
         for stage in STAGES:
             self.add_state(f"sum_{stage}", 0.0, reduce="sum")
         self.add_state("calls", 0, reduce="sum")
+        self.add_state("step_seconds", [], reduce="cat")
 
     def update(self, obs: Observation) -> None:
         if obs.stage_seconds is None:
@@ -133,7 +147,11 @@ class StageTimes(Metric):
             name = f"sum_{stage}"
             setattr(self, name, getattr(self, name) + float(obs.stage_seconds.get(stage, 0.0)))
         self.calls += 1
+        self.step_seconds.extend(float(s) for s in obs.step_seconds or ())
 
     def compute(self) -> dict[str, float | None]:
-        return {f"t_{stage}_s": getattr(self, f"sum_{stage}") / self.calls if self.calls else None
-                for stage in STAGES}
+        out = {f"t_{stage}_s": getattr(self, f"sum_{stage}") / self.calls if self.calls else None
+               for stage in STAGES}
+        out["step_ms"] = (1000 * statistics.median(self.step_seconds) if self.step_seconds
+                          else None)
+        return out

@@ -72,6 +72,33 @@ def plan_batches(cell: Cell, prompts: Any) -> list[Batch]:
     return batches
 
 
+class MethodSwitch:
+    """A method applied to a pipeline that the paired timing takes off and puts back: remove()
+    restores the pipeline exactly, and apply() again (with the same prepared weights) re-does
+    it. The first handle's call arguments and report stand for every application."""
+
+    def __init__(self, mspec: Any, pipe: Any, config: Any, ctx: StepContext,
+                 artifacts: dict[str, Any]) -> None:
+        self._apply = lambda: mspec.apply(pipe, config, ctx, artifacts)
+        self.handle: Any = self._apply()
+        self.call_kwargs, self.report = dict(self.handle.call_kwargs), dict(self.handle.report)
+
+    def on(self) -> None:
+        if self.handle is None:
+            self.handle = self._apply()
+
+    def off(self) -> None:
+        if self.handle is not None:
+            self.handle.remove()
+            self.handle = None
+
+    def __enter__(self) -> MethodSwitch:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.off()
+
+
 @dataclass
 class CellRun:
     """What one cell's phases share: the pipeline with the method applied, and its batches."""
@@ -83,12 +110,13 @@ class CellRun:
     overrides: dict
     batches: list[Batch]
 
-    def kwargs(self, batch: Batch) -> dict:
+    def kwargs(self, batch: Batch, overrides: dict | None = None) -> dict:
         return call_kwargs(self.spec, batch.texts, batch.seeds, self.cell.steps, batch.guidance,
-                           self.cell.resolution, self.overrides)
+                           self.cell.resolution,
+                           self.overrides if overrides is None else overrides)
 
-    def call(self, batch: Batch) -> torch.Tensor:
-        return generate(self.pipe, self.ctx, self.kwargs(batch))
+    def call(self, batch: Batch, overrides: dict | None = None) -> torch.Tensor:
+        return generate(self.pipe, self.ctx, self.kwargs(batch, overrides))
 
     @property
     def effective_steps(self) -> int:
@@ -100,31 +128,42 @@ def phase_images(run: CellRun) -> torch.Tensor:
     return torch.cat([run.call(batch) for batch in run.batches])
 
 
-def phase_timing(run: CellRun, repeats: int, warmup: int) -> list[Observation]:
-    """Warm-up calls, then `repeats` timed calls of the first batch."""
-    from metrics.latency import timed_call
+def phase_timing(run: CellRun, switch: MethodSwitch, timing: Any,
+                 compile_state: Any) -> tuple[list[Observation], dict[str, Any]]:
+    """Paired rounds of the baseline (method removed) and the method on the first batch; the
+    rounds as observations and the protocol's own columns."""
+    from harness.run.timing import Arm, paired_rounds
+    from metrics.latency import DeviceClock
 
     batch = run.batches[0]
-    for _ in range(warmup):
-        run.call(batch)
-    out = []
-    for _ in range(repeats):
-        _, seconds = timed_call(lambda: run.call(batch), run.cell.device)
-        out.append(Observation(n_images=len(batch.texts), seconds=seconds,
-                               device=run.cell.device))
-    return out
+    baseline = Arm("baseline", switch.off, lambda: run.call(batch, overrides={}))
+    method = Arm("method", switch.on, lambda: run.call(batch))
+    graphs_before = compile_state.counts()[0]
+    paired = paired_rounds(baseline, method, timing, DeviceClock(run.cell.device))
+    columns: dict[str, Any] = {"timing_stop": paired.stop, "warmup_calls": paired.warmup_calls,
+                               "timing_s": paired.seconds}
+    if compile_state.mode != "off":
+        graphs, breaks = compile_state.counts()
+        columns.update(compile_s=paired.warmup_s, graphs=graphs - graphs_before,
+                       recompiles=graphs - paired.graphs_after_warmup, graph_breaks=breaks)
+    return paired.observations(len(batch.texts), run.cell.device), columns
 
 
-def phase_profile(run: CellRun) -> Observation:
-    """One call with stage timers and the peak-memory probe."""
+def phase_profile(run: CellRun, calls: int = 1) -> Observation:
+    """Stage timers, per-step times and the peak-memory probe on the last of `calls` calls (a
+    compiled denoiser recompiles for the timers' hooks on the first)."""
     from metrics.memory import peak_memory
     from metrics.stages import stage_timer
 
     batch = run.batches[0]
+    for _ in range(calls - 1):
+        with stage_timer(run.pipe, run.cell.device):
+            run.call(batch)
     with peak_memory(run.cell.device) as mem, stage_timer(run.pipe, run.cell.device) as stages:
         run.call(batch)
     return Observation(n_images=len(batch.texts), stage_seconds=dict(stages.seconds),
-                       peak_bytes=mem.peak_bytes, memory_kind=mem.kind, device=run.cell.device)
+                       step_seconds=stages.step_seconds, peak_bytes=mem.peak_bytes,
+                       memory_kind=mem.kind, device=run.cell.device)
 
 
 def phase_flops(run: CellRun, mode: str) -> Observation | None:
@@ -240,8 +279,12 @@ def metric_context(cell: Cell, config: RunConfig, store: CellStore) -> MetricCon
 
 def measure_shard(cell: Cell, config: RunConfig, pipes: PipelineCache, store: CellStore,
                   shard: int = 0, n_shards: int = 1) -> dict[str, Any]:
-    """Images and metric states of one shard of a cell; shard 0 also measures speed, memory
-    and FLOPs. The method is removed again whatever happens."""
+    """Images and metric states of one shard of a cell; shard 0 also measures FLOPs (eager),
+    then, compiled as the cell says, speed (paired with the baseline) and memory. The method
+    and the compilation are undone whatever happens."""
+    from harness.run.compile import compiled
+    from harness.run.timing import fixed_threads
+
     spec, mspec = MODELS.get(cell.model), resolve_method(cell.method)
     prompts = load_prompts(cell.prompts, cell.n_images)
     groups = shard_batches(plan_batches(cell, prompts), n_shards)
@@ -251,15 +294,20 @@ def measure_shard(cell: Cell, config: RunConfig, pipes: PipelineCache, store: Ce
     ctx = StepContext()
     method_config = mspec.config(json.loads(cell.params))
     artifacts, trained = phase_prepare(cell, mspec, pipe, method_config)
-    with mspec.apply(pipe, method_config, ctx, artifacts) as handle:
-        run = CellRun(cell, spec, pipe, ctx, dict(handle.call_kwargs), batches)
-        report = {**handle.report, **trained}
-        images = phase_images(run) if batches else torch.zeros(0, dtype=torch.uint8)
+    with fixed_threads(config.timing.threads) as threads, \
+            MethodSwitch(mspec, pipe, method_config, ctx, artifacts) as switch:
+        run = CellRun(cell, spec, pipe, ctx, switch.call_kwargs, batches)
+        report = {**switch.report, **trained, "threads": threads}
         if shard == 0:
-            observations += phase_timing(run, config.timing.repeats, config.timing.warmup)
-            observations.append(phase_profile(run))
             flops = phase_flops(run, config.timing.flops)
             observations += [flops] if flops else []
+        with compiled(pipe, cell.compile) as compile_state:
+            if shard == 0:
+                rounds, columns = phase_timing(run, switch, config.timing, compile_state)
+                observations += rounds
+                report.update(columns)
+                observations.append(phase_profile(run, 1 if cell.compile == "off" else 2))
+            images = phase_images(run) if batches else torch.zeros(0, dtype=torch.uint8)
     indices = [i for b in batches for i in b.indices]
     if batches:
         observations.append(images_observation(cell, store, prompts, images, indices))

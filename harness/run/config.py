@@ -17,7 +17,10 @@ from harness.models import DTYPES, MODELS, weights_source
 from harness.stack import resolve_method
 
 SUITES_DIR = Path(__file__).resolve().parents[1] / "suites"
-GRID_KEYS = ("models", "prompts", "seeds")  # list-valued settings that span the grid
+COMPILE_MODES = ("off", "denoiser", "regional", "max-autotune")
+# list-valued settings that span the grid: (plural key, Settings field)
+GRID_AXES = (("models", "model"), ("prompts", "prompts"), ("seeds", "seed"),
+             ("compile", "compile"))
 
 
 @dataclass(frozen=True)
@@ -35,6 +38,8 @@ class Settings:
     dtype: str = P.param("float32", "weights / activations dtype", choices=tuple(DTYPES))
     device: str = P.param("auto", "'auto' (cuda when present), 'cpu', 'cuda', 'cuda:1', ...")
     batch_size: int = P.param(4, "images per pipeline call", low=1, high=4096)
+    compile: str = P.param("off", "torch.compile after the method: off, denoiser, regional "
+                                  "(repeated blocks), max-autotune", choices=COMPILE_MODES)
 
 
 @dataclass(frozen=True)
@@ -54,11 +59,16 @@ class Cell:
     dtype: str
     device: str
     batch_size: int
+    compile: str = "off"
 
     @property
     def key(self) -> str:
-        """Config hash: identifies the cell's results on disk and in leaderboards."""
-        return P.short_hash(dataclasses.asdict(self))
+        """Config hash: identifies the cell's results on disk and in leaderboards. An eager cell
+        hashes without the compile field, so its key is the one it had before that axis."""
+        identity = dataclasses.asdict(self)
+        if identity["compile"] == "off":
+            del identity["compile"]
+        return P.short_hash(identity)
 
     @property
     def baseline_key(self) -> str:
@@ -71,12 +81,36 @@ class Cell:
 
 @dataclass(frozen=True)
 class Timing:
-    """How performance is measured in each cell."""
+    """How speed is measured in each cell: paired rounds of baseline and method calls on one
+    pipeline (harness/run/timing.py), until the speedup interval is tight or the budget is spent.
+    """
 
-    repeats: int = P.param(3, "timed calls per cell (median, min, max)", low=1, high=1000)
-    warmup: int = P.param(1, "untimed calls before timing", low=0, high=100)
+    calls: int = P.param(3, "calls per arm in a round; the round keeps each arm's fastest",
+                         low=1, high=100)
+    min_rounds: int = P.param(8, "paired rounds before the stopping rule is read", low=2,
+                              high=10_000)
+    max_rounds: int = P.param(60, "paired rounds at most (rejected ones included)", low=2,
+                              high=10_000)
+    target: float = P.param(0.02, "stop once the speedup interval's half-width is at most this "
+                                  "share of the median", low=0.0, high=1.0)
+    budget_s: float = P.param(90.0, "seconds of paired rounds per cell at most", low=0.0,
+                              high=86_400.0)
+    reject_k: float = P.param(5.0, "reject a round whose speedup lies beyond k scaled MADs of "
+                                   "the median", low=1.0, high=1000.0)
+    warmup: int = P.param(1, "untimed calls per arm before the warm-up check", low=0, high=100)
+    warmup_max: int = P.param(10, "timed warm-up calls per arm at most, until two in a row "
+                                  "agree (and compile nothing new)", low=1, high=1000)
+    agree: float = P.param(0.05, "warm-up ends when two calls in a row differ by at most this "
+                                 "share", low=0.0, high=10.0)
+    threads: int = P.param(0, "torch CPU threads for the run; 0 keeps torch's default, fixed "
+                              "and recorded", low=0, high=4096)
     flops: str = P.param("auto", "FLOP counting: real run, fake tensors, auto (fake on GPU "
                                  "models), off", choices=("auto", "real", "fake", "off"))
+
+    def __post_init__(self) -> None:
+        if self.min_rounds > self.max_rounds:
+            raise DiffbenchError(f"timing.min_rounds={self.min_rounds} is above "
+                                 f"timing.max_rounds={self.max_rounds}")
 
 
 @dataclass(frozen=True)
@@ -110,15 +144,15 @@ def make_cell(settings: Settings, method: str, method_params: Mapping[str, Any])
         guidance=float(spec.guidance if settings.guidance is None else settings.guidance),
         resolution=settings.resolution or spec.resolution, seed=settings.seed,
         dtype=settings.dtype, device=resolve_device(settings.device),
-        batch_size=settings.batch_size,
+        batch_size=settings.batch_size, compile=settings.compile,
     )
 
 
 def expand_grid(defaults: Mapping[str, Any], methods: list[Mapping[str, Any]]) -> tuple[Cell, ...]:
-    """Cells = models x prompt sets x seeds x methods; list values span the grid."""
+    """Cells = models x prompt sets x seeds x compile modes x methods; list values span it."""
     base = dict(defaults)
     axes = {}
-    for plural, singular in zip(GRID_KEYS, ("model", "prompts", "seed")):
+    for plural, singular in GRID_AXES:
         value = base.pop(plural, base.pop(singular, None))
         if value is not None:
             axes[singular] = value if isinstance(value, list) else [value]

@@ -11,13 +11,17 @@ from pathlib import Path
 from typing import Any
 
 IDENTITY = ("model", "weights", "method", "params", "config_hash", "prompts", "n_images", "steps",
-            "guidance", "resolution", "seed", "dtype", "batch_size", "device")
+            "guidance", "resolution", "seed", "dtype", "batch_size", "device", "compile")
 ENVIRONMENT = ("device_name", "device_count", "cuda", "driver", "torch", "diffusers",
                "transformers", "python", "diffbench", "git_sha")
 # Known metric columns in display order, with their fixed formats.
 FORMATS: dict[str, str] = {
-    "latency_s": "{:.6f}", "latency_min_s": "{:.6f}", "latency_max_s": "{:.6f}",
-    "images_per_s": "{:.4f}", "speedup": "{:.4f}", "repeats": "{:d}",
+    "speedup": "{:.4f}", "speedup_ci_lo": "{:.4f}", "speedup_ci_hi": "{:.4f}",
+    "latency_s": "{:.6f}", "latency_ci_lo": "{:.6f}", "latency_ci_hi": "{:.6f}",
+    "images_per_s": "{:.4f}", "cpu_s_per_image": "{:.6f}", "rounds": "{:d}",
+    "rounds_rejected": "{:d}", "timing_stop": "{}", "warmup_calls": "{:d}", "timing_s": "{:.1f}",
+    "threads": "{:d}", "compile_s": "{:.2f}", "graphs": "{:d}", "recompiles": "{:d}",
+    "graph_breaks": "{:d}", "step_ms": "{:.4f}",
     "t_text_encoder_s": "{:.6f}", "t_denoise_s": "{:.6f}", "t_decode_s": "{:.6f}",
     "peak_mem_mb": "{:.1f}", "flops_per_image": "{:.0f}", "flops_ratio": "{:.4f}",
     "tflops_achieved": "{:.6f}", "mfu": "{:.6f}",
@@ -32,9 +36,11 @@ FORMATS: dict[str, str] = {
 }
 TRAILER = ("images_sha", "status", "error", "note")
 # Columns that vary from run to run on the same machine (everything else must be identical).
-MEASURED = ("latency_s", "latency_min_s", "latency_max_s", "images_per_s", "speedup",
-            "t_text_encoder_s", "t_denoise_s", "t_decode_s", "peak_mem_mb", "tflops_achieved",
-            "mfu", "train_s")
+MEASURED = ("speedup", "speedup_ci_lo", "speedup_ci_hi", "latency_s", "latency_ci_lo",
+            "latency_ci_hi", "images_per_s", "cpu_s_per_image", "rounds", "rounds_rejected",
+            "timing_stop", "warmup_calls", "timing_s", "compile_s", "graphs", "recompiles",
+            "graph_breaks", "step_ms", "t_text_encoder_s", "t_denoise_s", "t_decode_s",
+            "peak_mem_mb", "tflops_achieved", "mfu", "train_s")
 
 
 def fmt(column: str, value: Any) -> str:
@@ -54,14 +60,13 @@ def fmt(column: str, value: Any) -> str:
 
 
 def _ratios(record: dict[str, Any], by_key: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """Speedup (baseline latency / latency) and FLOPs ratio against the matching baseline."""
+    """FLOPs ratio against the matching baseline cell (speedup is measured paired, in the cell
+    itself: metrics/latency.py)."""
     base = by_key.get(record.get("baseline_key", ""))
     if not base or base.get("status") != "ok" or record.get("status") != "ok":
         return {}
     mine, ref = record["metrics"], base["metrics"]
     out = {}
-    if mine.get("latency_s") and ref.get("latency_s"):
-        out["speedup"] = ref["latency_s"] / mine["latency_s"]
     if mine.get("flops_per_image") and ref.get("flops_per_image"):
         out["flops_ratio"] = mine["flops_per_image"] / ref["flops_per_image"]
     return out

@@ -39,7 +39,7 @@ def test_list(capsys, what, expected):
 def test_run_leaderboard_and_compare(tmp_path, capsys):
     out = tmp_path / "run"
     args = ["run", "--method", "baseline", "--method", "deepcache:interval=2", "--steps", "4",
-            "--n-images", "2", "--batch-size", "2", "--repeats", "1", "--warmup", "0",
+            "--n-images", "2", "--batch-size", "2", "--timing", "min_rounds=2,max_rounds=2,calls=1,warmup=0",
             "--device", "cpu", "--out", str(out), "--no-progress"]
     assert main(args) == 0
     printed = capsys.readouterr().out
@@ -49,8 +49,15 @@ def test_run_leaderboard_and_compare(tmp_path, capsys):
     csv = out / "leaderboard.csv"
     assert csv.exists()
     assert main(["compare", str(csv), str(csv)]) == 0
-    assert main(["compare", str(csv), str(csv), "--tol", "latency_s=lower:-2"]) == 1
+    rows = list(__import__("csv").DictReader(csv.open()))
+    faster_ref = tmp_path / "faster.csv"  # a reference twice as fast: the new run regressed
+    with faster_ref.open("w", newline="") as fh:
+        writer = __import__("csv").DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows({**r, "speedup": str(2 * float(r["speedup"]))} for r in rows)
+    assert main(["compare", str(csv), str(faster_ref)]) == 1
     assert "REGRESSION" in capsys.readouterr().out
+    assert main(["compare", str(csv), str(csv), "--tol", "latency_s=lower:-2"]) == 2
     assert main(["compare", str(tmp_path / "nope.csv"), str(csv)]) == 2
 
 

@@ -61,15 +61,33 @@ def test_restored_when_the_call_raises(pipe):
 
 
 def test_cuda_device_synchronises_at_every_boundary(pipe, monkeypatch):
-    calls = []
+    calls, events = [], []
+
+    class Event:  # torch.cuda.Event on a CPU: records its creation order as its time
+        def __init__(self, enable_timing: bool = False) -> None:
+            self.t = len(events)
+            events.append(self)
+
+        def record(self) -> None:
+            pass
+
+        def synchronize(self) -> None:
+            calls.append("event")
+
+        def elapsed_time(self, end: Event) -> float:
+            return float(end.t - self.t)  # milliseconds
+
     monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: calls.append(device))
+    monkeypatch.setattr(torch.cuda, "Event", Event)
     steps = 3
-    with stage_timer(pipe, "cuda"):
+    with stage_timer(pipe, "cuda") as clock:
         pipe(**_kwargs(steps))
     encoder_calls = 2  # prompt and the empty negative prompt (guidance)
     # encoders: start + end of each call; denoise: first start + end of every call; decode: 2
     assert len(calls) == 2 * encoder_calls + (1 + steps) + 2
     assert set(calls) == {"cuda"}
+    assert len(events) == 2 * steps  # one event pair around each denoiser forward
+    assert clock.step_seconds == [0.001] * steps  # read off the events, ms -> s
 
 
 def test_stage_times_mean_and_merge():
@@ -78,13 +96,14 @@ def test_stage_times_mean_and_merge():
            Observation(n_images=1, stage_seconds={"text_encoder": 0.75, "denoise": 4.0,
                                                   "decode": 1.5}),
            Observation(n_images=1)]
+    obs[0].step_seconds, obs[1].step_seconds = [0.25, 0.5], [0.125]
     whole, a, b = StageTimes(), StageTimes(), StageTimes()
     for o in obs:
         whole.update(o)
     a.update(obs[0])
     b.update(obs[1])
     a.merge(b)
-    expected = {"t_text_encoder_s": 0.5, "t_denoise_s": 3.0, "t_decode_s": 1.0}
+    expected = {"t_text_encoder_s": 0.5, "t_denoise_s": 3.0, "t_decode_s": 1.0, "step_ms": 250.0}
     assert whole.compute() == expected and a.compute() == expected
     assert set(StageTimes().compute().values()) == {None}
     assert METRICS.get("stages") is StageTimes

@@ -29,7 +29,9 @@ steps = 6
 batch_size = 2
 device = "cpu"
 [timing]
-repeats = 2
+min_rounds = 2
+max_rounds = 2
+calls = 1
 warmup = 0
 [[methods]]
 name = "baseline"
@@ -61,9 +63,14 @@ def test_csv_has_rows_with_performance_columns(first_run):
     for r in rows.values():
         assert r["status"] == "ok", r["error"]
         for col in ("latency_s", "images_per_s", "peak_mem_mb", "flops_per_image",
-                    "t_denoise_s", "speedup", "flops_ratio", "device_name", "torch"):
+                    "t_denoise_s", "speedup", "speedup_ci_lo", "speedup_ci_hi", "rounds",
+                    "timing_stop", "threads", "cpu_s_per_image", "step_ms", "flops_ratio",
+                    "device_name", "torch"):
             assert r[col] != "", (r["method"], col)
-    assert rows["baseline"]["speedup"] == "1.0000"
+        assert float(r["speedup_ci_lo"]) <= float(r["speedup"]) <= float(r["speedup_ci_hi"])
+        assert r["rounds"] == "2" and r["compile"] == "off"
+        assert r["timing_stop"] in ("converged", "max_rounds")
+    assert rows["baseline"]["flops_ratio"] == "1.0000"  # its speedup: an A/A test of the noise
     assert float(rows["deepcache"]["flops_ratio"]) < 0.9
     assert rows["solver"]["steps"] == "4" and float(rows["solver"]["flops_ratio"]) < 0.75
     assert rows["baseline"]["images_sha"] != rows["deepcache"]["images_sha"]
@@ -152,7 +159,7 @@ def test_killed_run_resumes_without_recomputing(suite, tmp_path):
     """SIGKILL a CLI run after its first cell lands; the re-run computes only the rest."""
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[3])}
     cmd = [sys.executable, "-m", "harness", "run", "--suite", str(suite), "--out",
-           str(tmp_path), "--no-progress", "--repeats", "3"]
+           str(tmp_path), "--no-progress", "--timing", "min_rounds=3,max_rounds=3"]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     cells = tmp_path / "cells"
     deadline = time.time() + 120

@@ -4,11 +4,12 @@ import io
 from harness.run.leaderboard import IDENTITY, MEASURED, fmt, render_csv
 
 
-def record(key, method, latency, flops, status="ok", params="{}"):
+def record(key, method, latency, flops, status="ok", params="{}", speedup=None):
     cell = {"model": "tiny-sd", "weights": "none", "method": method, "params": params,
             "prompts": "shapes", "n_images": 4, "steps": 10, "guidance": 5.0, "resolution": 32,
             "seed": 0, "dtype": "float32", "device": "cpu", "batch_size": 2}
-    metrics = {"latency_s": latency, "flops_per_image": flops} if status == "ok" else {}
+    metrics = ({"latency_s": latency, "flops_per_image": flops, "speedup": speedup}
+               if status == "ok" else {})
     return {"key": key, "baseline_key": "base", "cell": cell, "status": status,
             "error": "" if status == "ok" else "RuntimeError: boom", "metrics": metrics,
             "environment": {"device_name": "cpu", "torch": "2.13.0"}, "images_sha": "ab",
@@ -19,13 +20,16 @@ def rows(text):
     return list(csv.DictReader(io.StringIO(text)))
 
 
-def test_speedup_and_flops_ratio_against_baseline():
-    text = render_csv([record("dc", "deepcache", 0.05, 600.0, params='{"interval":3}'),
-                       record("base", "baseline", 0.1, 1000.0)])
+def test_speedup_is_the_cells_paired_measurement_and_flops_ratio_is_against_baseline():
+    """Speedup comes from the cell's own paired rounds, never from two cells' latencies."""
+    text = render_csv([record("dc", "deepcache", 0.05, 600.0, params='{"interval":3}',
+                              speedup=1.5),
+                       record("base", "baseline", 0.1, 1000.0, speedup=0.99)])
     base, dc = rows(text)
-    assert base["method"] == "baseline" and base["speedup"] == "1.0000"
-    assert dc["speedup"] == "2.0000" and dc["flops_ratio"] == "0.6000"
+    assert base["method"] == "baseline" and base["speedup"] == "0.9900"
+    assert dc["speedup"] == "1.5000" and dc["flops_ratio"] == "0.6000"
     assert dc["latency_s"] == "0.050000" and dc["flops_per_image"] == "600"
+    assert base["compile"] == ""  # a record from before the compile axis
 
 
 def test_failed_cell_is_a_row_with_its_error_and_no_ratios():
@@ -33,7 +37,7 @@ def test_failed_cell_is_a_row_with_its_error_and_no_ratios():
                        record("x", "deepcache", None, None, status="error")])
     failed = rows(text)[1]
     assert failed["status"] == "error" and failed["error"] == "RuntimeError: boom"
-    assert failed["speedup"] == "" and failed["latency_s"] == ""
+    assert failed["speedup"] == "" and failed["latency_s"] == "" and failed["flops_ratio"] == ""
 
 
 def test_columns_start_with_identity_and_order_is_stable():

@@ -21,7 +21,9 @@ steps = 4
 batch_size = 2
 device = "cpu"
 [timing]
-repeats = 1
+min_rounds = 2
+max_rounds = 2
+calls = 1
 warmup = 0
 flops = "off"
 [[methods]]
