@@ -54,6 +54,7 @@ def parse() -> argparse.Namespace:
     p.add_argument("--load", type=int, default=1, help="busy processes of the loaded condition "
                                                         "(0: idle only)")
     p.add_argument("--timing", default="", help="K=V,... on top of the [timing] defaults")
+    p.add_argument("--skip-idle", action="store_true", help="only the loaded condition")
     p.add_argument("--json", help="also write every measurement here")
     return p.parse_args()
 
@@ -125,7 +126,8 @@ def condition(name: str, args: argparse.Namespace, pipes: PipelineCache, setting
                   flush=True)
         h = harness_overhead(pipes, settings, timing)
         results["harness"].append(h)
-        print(f"run {run + 1}  {'harness call / bare call':36s} {fmt(h)}", flush=True)
+        print(f"run {run + 1}  {'harness: bare call s / harness call s':36s} {fmt(h)}",
+              flush=True)
     print(f"\n{name}: setting, speedup per run, median of runs, spread of runs, verdict")
     verdicts = []
     for method, ms in results.items():
@@ -135,7 +137,7 @@ def condition(name: str, args: argparse.Namespace, pipes: PipelineCache, setting
         if method in IDENTITIES:
             checks += [abs(med - 1) <= 0.02, all(m["speedup_ci_lo"] <= 1 <= m["speedup_ci_hi"]
                                                  for m in ms), med >= 0.99]
-        if method == "harness":  # bare / harness: the harness path costs at most 2 %
+        if method == "harness":  # bare s / harness s >= 0.98: the harness path costs <= 2 %
             checks = [med >= 0.98]
         verdict = "ok" if all(checks) else "FAIL"
         verdicts.append(verdict)
@@ -158,7 +160,8 @@ def main() -> None:
     out = {}
     started = time.time()
     with fixed_threads(timing.threads):
-        out["idle"] = condition("idle", args, pipes, settings, timing)
+        if not args.skip_idle:
+            out["idle"] = condition("idle", args, pipes, settings, timing)
         if args.load:
             hours = 4 * 3600  # the burners end on their own should this script die
             burners = [subprocess.Popen([sys.executable, "-c", BURN.format(s=hours)])

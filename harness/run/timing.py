@@ -4,7 +4,8 @@ Each round times both arms back to back (order alternating, ABBA, so linear drif
 arm `calls` times keeping its fastest call (a stall lengthens a call, it never shortens one);
 the round's speedup is baseline seconds / method seconds. A round beyond `reject_k` scaled MADs
 of the median is rejected (metrics.latency.outliers) and another is run. Rounds are added until
-the median's 95 % interval is within `target` of it, the budget is spent, or `max_rounds`.
+the median's 95 % interval is within `target` of it (after `min_rounds`), the budget is spent
+(a hard cap once two rounds are kept), or `max_rounds`.
 """
 
 from __future__ import annotations
@@ -116,13 +117,11 @@ def paired_rounds(baseline: Arm, method: Arm, timing: Timing, clock: DeviceClock
         ratios = [b.wall / m.wall if m.wall > 0 else float("inf") for b, m in zip(base, meth)]
         rejected = outliers(ratios, timing.reject_k)
         kept = [r for r, bad in zip(ratios, rejected) if not bad]
-        if len(kept) < timing.min_rounds:
-            continue
-        if relative_half_width(kept) <= timing.target:
+        if len(kept) >= timing.min_rounds and relative_half_width(kept) <= timing.target:
             stop = "converged"
             break
-        if now() - rounds_start >= timing.budget_s:
-            stop = "budget"
+        if len(kept) >= 2 and now() - rounds_start >= timing.budget_s:
+            stop = "budget"  # a hard cap: on a stalling machine even before min_rounds
             break
     method.enter()  # leave the pipeline with the method applied
     return PairedTiming(base, meth, rejected, stop, n_base + n_method,

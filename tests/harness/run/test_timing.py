@@ -184,3 +184,13 @@ def test_compiled_context_restores_the_modules_and_regional_picks_outer_blocks()
     assert all(b._compiled_call_impl is None for b in blocks)
     with compiled(SimpleNamespace(), "off") as state:  # off touches nothing
         assert state.modules == 0
+
+
+def test_the_budget_is_a_hard_cap_even_before_min_rounds():
+    """A stalling machine (rounds of minutes) stops at the budget once two rounds are kept."""
+    clock, log = VirtualClock(), []
+    base = scripted(clock, "b", lambda n: 60.0, log)
+    meth = scripted(clock, "m", lambda n: (30.0, 60.0, 45.0)[n % 3], log)
+    paired = paired_rounds(base, meth, dataclasses.replace(FAST, budget_s=100.0), clock,
+                           clock.now)
+    assert paired.stop == "budget" and len(paired.baseline) == 2 < FAST.min_rounds
