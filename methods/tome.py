@@ -82,7 +82,10 @@ def split_windows(h: int, w: int, sx: int, sy: int, generator: torch.Generator |
                   use_rand: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """(dst positions, src positions) of a row-major h x w grid: one dst per sx x sy window.
 
-    Rows/columns past the last whole window are sources (as in the reference tomesd).
+    Rows/columns past the last whole window are sources (as in the reference tomesd). Both are
+    ascending. There are exactly hs * ws destinations (one per whole window), so a stable
+    argsort of the destination mask (sources first) yields both sets with static shapes: no
+    `nonzero`, whose output size is data-dependent under fake tensors (FLOP counting).
     """
     hs, ws = h // sy, w // sx
     if use_rand:
@@ -91,10 +94,11 @@ def split_windows(h: int, w: int, sx: int, sy: int, generator: torch.Generator |
         pick = torch.zeros(hs, ws, dtype=torch.long)
     rows = torch.arange(hs)[:, None] * sy + pick // sx
     cols = torch.arange(ws)[None, :] * sx + pick % sx
-    is_dst = torch.zeros(h, w, dtype=torch.bool)
-    is_dst[rows, cols] = True
-    flat = is_dst.flatten()
-    return flat.nonzero().squeeze(1), (~flat).nonzero().squeeze(1)
+    is_dst = torch.zeros(h, w, dtype=torch.long)
+    is_dst[rows, cols] = 1
+    order = is_dst.flatten().argsort(stable=True)
+    n_src = h * w - hs * ws
+    return order[n_src:], order[:n_src]
 
 
 def bipartite_matching(metric: torch.Tensor, h: int, w: int, r: int, sx: int = 2, sy: int = 2,

@@ -143,9 +143,12 @@ def phase_timing(run: CellRun, switch: MethodSwitch, timing: Any,
     columns: dict[str, Any] = {"timing_stop": paired.stop, "warmup_calls": paired.warmup_calls,
                                "timing_s": paired.seconds}
     if compile_state.mode != "off":
+        from harness.run.compile import dynamo_counts
+
         graphs, breaks = compile_state.counts()
         columns.update(compile_s=paired.warmup_s, graphs=graphs - graphs_before,
-                       recompiles=graphs - paired.graphs_after_warmup, graph_breaks=breaks)
+                       recompiles=dynamo_counts()[0] - paired.graphs_after_warmup,
+                       graph_breaks=breaks)
     return paired.observations(len(batch.texts), run.cell.device), columns
 
 

@@ -50,7 +50,7 @@ class PairedTiming:
     warmup_calls: int
     warmup_s: float  # warm-up seconds beyond what the same calls take once warm
     seconds: float  # wall time of warm-up and rounds
-    graphs_after_warmup: int  # dynamo's graph count when the rounds began
+    graphs_after_warmup: int  # dynamo's graph count (process total) when the rounds began
 
     def observations(self, n_images: int, device: str) -> list[Observation]:
         return [Observation(n_images=n_images, seconds=m.wall, baseline_seconds=b.wall,

@@ -39,7 +39,8 @@ def test_list(capsys, what, expected):
 def test_run_leaderboard_and_compare(tmp_path, capsys):
     out = tmp_path / "run"
     args = ["run", "--method", "baseline", "--method", "deepcache:interval=2", "--steps", "4",
-            "--n-images", "2", "--batch-size", "2", "--timing", "min_rounds=2,max_rounds=2,calls=1,warmup=0",
+            "--n-images", "2", "--batch-size", "2",
+            "--timing", "min_rounds=2,max_rounds=2,calls=1,warmup=0",
             "--device", "cpu", "--out", str(out), "--no-progress"]
     assert main(args) == 0
     printed = capsys.readouterr().out

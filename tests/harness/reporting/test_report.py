@@ -171,7 +171,8 @@ def test_end_to_end_real_run(tmp_path, capsys):
 
     run = tmp_path / "run"
     args = ("run --model tiny-sd --method baseline --method deepcache:interval=2 --steps 3 "
-            "--n-images 2 --batch-size 2 --timing min_rounds=2,max_rounds=2,calls=1,warmup=0 --flops off --device cpu "
+            "--n-images 2 --batch-size 2 --timing min_rounds=2,max_rounds=2,calls=1,warmup=0 "
+            "--flops off --device cpu "
             "--no-progress --out").split()
     assert main([*args, str(run)]) == 0
     assert main(["report", str(run)]) == 0
