@@ -209,8 +209,9 @@ def markdown_report(title: str, rows: Sequence[Row], metrics: Sequence[str],
     """The whole report.md text; `pareto`: the plot's file name or why there is none."""
     failed = sum(text(r, "status") != "ok" for r in rows)
     intro = (f"# diffbench report: {title}\n\n{len(rows)} cells ({failed} failed). "
-             "Values are the leaderboard's; `± h` is half the width of the 95% bootstrap "
-             "interval; best per column in bold (↑ higher is better, ↓ lower is better). "
+             "Values are the leaderboard's; `± h` is half the width of the 95% interval "
+             "(bootstrap over images for quality, order statistics over paired rounds for "
+             "speed); best per column in bold (↑ higher is better, ↓ lower is better). "
              "LaTeX tables: [table.tex](table.tex).")
     sections = [model_section(m, g, metrics, grids) for m, g in by_model(rows).items()]
     plot = f"![speedup vs quality]({pareto})" if pareto.endswith(".png") else pareto
@@ -243,7 +244,8 @@ def latex_table(model: str, rows: Sequence[Row], metrics: Sequence[str],
     name = latex_escape(model)
     return "\n".join([
         r"\begin{table}[t]", r"\centering",
-        rf"\caption{{{name}: mean $\pm$ half-width of the 95\% bootstrap interval; "
+        rf"\caption{{{name}: value $\pm$ half-width of the 95\% interval (bootstrap for "
+        r"quality, paired rounds for speed); "
         r"best per column in bold.}",
         rf"\label{{tab:{slug(model)}}}",
         rf"\begin{{tabular}}{{l{'r' * (len(header) - 1)}}}", r"\toprule",
