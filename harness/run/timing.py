@@ -21,7 +21,7 @@ import torch
 from harness.metric import Observation
 from harness.run.compile import dynamo_counts
 from harness.run.config import Timing
-from metrics.latency import DeviceClock, outliers, relative_half_width
+from metrics.latency import DeviceClock, outliers, relative_half_width, synchronize
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,8 +60,7 @@ class PairedTiming:
 
 def time_call(fn: Callable[[], Any], clock: DeviceClock) -> CallTime:
     """One call between two device-timeline marks, with the process CPU time it used."""
-    if clock.cuda:
-        torch.cuda.synchronize(clock.device)
+    synchronize(clock.device)
     cpu0 = time.process_time()
     start = clock.mark()
     fn()

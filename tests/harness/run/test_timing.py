@@ -16,7 +16,7 @@ from harness.run.timing import Arm, fixed_threads, paired_rounds, warm_up
 class VirtualClock:
     """A CPU-style DeviceClock whose time only moves when a scripted call runs."""
 
-    cuda = False
+    cuda, device = False, "cpu"
 
     def __init__(self) -> None:
         self.t = 0.0
