@@ -1,4 +1,5 @@
-"""`diffbench` command line: run, list, leaderboard, compare. Bad input: one line, exit code 2."""
+"""`diffbench` command line. Exit codes: 0 all well, 1 some cell failed (or a regression, or a
+write failed mid-run), 2 bad input (one line, before any work)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from harness.errors import DiffbenchError
+from harness.errors import EXIT_FAILED, EXIT_OK, DiffbenchError
 
 DEFAULT_SUITE = "default"
 SETTING_FLAGS = ("model", "weights", "prompts", "n_images", "steps", "guidance", "resolution",
@@ -51,7 +52,10 @@ def _run_parser(sub: Any) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="diffbench", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="diffbench", description="Benchmark efficient and safe text-to-image diffusion.",
+        epilog="exit codes: 0 all well; 1 some cell failed, a regression, or a write failed "
+               "mid-run; 2 bad input (one line, before any work)")
     parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", required=True)
     _run_parser(sub)
@@ -86,7 +90,7 @@ def _version() -> str:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from harness import params
-    from harness.run import config, job
+    from harness.run import config, job, preflight
 
     if not 1 <= args.shards <= 4096:
         raise DiffbenchError(f"--shards={args.shards} is out of range; allowed [1, 4096]")
@@ -118,12 +122,26 @@ def cmd_run(args: argparse.Namespace) -> int:
         run_config = dataclasses.replace(run_config,
                                          timing=params.build(config.Timing, timing, "timing"))
     out = Path(args.out or Path("diffbench-runs") / run_config.name)
+    preflight.check(run_config)  # the whole grid, before the first line of output
     print(f"diffbench: {len(run_config.cells)} cells -> {out}", file=sys.stderr)
     csv_path = job.run(run_config, out, progress=not args.no_progress, backend=args.backend,
                           shards=args.shards, workers=args.workers)
     print(_summary(csv_path))
     print(f"leaderboard: {csv_path}")
-    return 0
+    from harness.run.store import CellStore
+
+    return _failed(job.failures(run_config, CellStore(out)), len(run_config.cells))
+
+
+def _failed(lines: list[str], total: int, what: str = "cell") -> int:
+    """Exit code 1 with one stderr line per failed cell, 0 when there are none."""
+    for line in lines:
+        print(f"diffbench: failed: {line}", file=sys.stderr)
+    if lines:
+        print(f"diffbench: {len(lines)} of {total} {what}s failed (their errors are in the "
+              "leaderboard's error column and, with tracebacks, in cells/<key>.json)",
+              file=sys.stderr)
+    return EXIT_FAILED if lines else EXIT_OK
 
 
 SUMMARY = ("model", "method", "params", "steps", "compile", "speedup", "latency_s",
@@ -184,9 +202,20 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
     store = CellStore(args.run_dir)
     if not store.cells_dir.is_dir():
         raise DiffbenchError(f"no cell results under {store.cells_dir}")
-    path = write_leaderboard(store.records(), args.csv or store.out_dir / "leaderboard.csv")
+    target = Path(args.csv or store.out_dir / "leaderboard.csv")
+    if not target.parent.is_dir() or not os.access(target.parent, os.W_OK):
+        raise DiffbenchError(f"cannot write {target}: {target.parent} is not a writable folder")
+    records = store.records()
+    path = write_leaderboard(records, target)
     print(f"leaderboard: {path}")
-    return 0
+    failed = [failure_line(r) for r in records if r["status"] != "ok"]
+    return _failed(failed, len(records))
+
+
+def failure_line(record: dict[str, Any]) -> str:
+    cell = record["cell"]
+    return (f"{record['key']} {cell.get('model')} {cell.get('method')} {cell.get('params')}: "
+            f"{record.get('error', '')}")
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
@@ -201,19 +230,26 @@ def cmd_compare(args: argparse.Namespace) -> int:
     print(compare.render(diffs, only_changes=not args.all))
     bad = sum(d.regression for d in diffs)
     print(f"{bad} regression(s) in {len(diffs)} compared values")
-    return 1 if bad else 0
+    return EXIT_FAILED if bad else EXIT_OK
 
 
 def cmd_score(args: argparse.Namespace) -> int:
     from harness.reporting import score
 
-    return score.run(args)
+    path, failed, tried = score.score(args.run_dir, tuple(args.metrics), args.csv)
+    print(f"leaderboard: {path}")
+    return _failed(failed, tried)
 
 
 def cmd_report(args: argparse.Namespace) -> int:
     from harness.reporting import report
 
-    return report.run(args)
+    path = report.report(args.run_dir, args.out, args.quality, args.columns)
+    print(f"report: {path}")
+    rows = report.load_rows(args.run_dir)
+    failed = [f"{r['config_hash']} {r['model']} {r['method']} {r['params']}: {r.get('error', '')}"
+              for r in rows if r.get("status") != "ok"]
+    return _failed(failed, len(rows))
 
 
 def cmd_train_mini(args: argparse.Namespace) -> int:
@@ -236,7 +272,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return COMMANDS[args.command](args)
     except DiffbenchError as exc:
         print(f"diffbench: error: {exc}", file=sys.stderr)
-        return 2
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("diffbench: interrupted; finished cells are kept: run the same command again to "
+              "resume", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

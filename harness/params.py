@@ -6,6 +6,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import math
 import types
 import typing
 from collections.abc import Mapping
@@ -28,6 +29,9 @@ def validate(config: Any, owner: str) -> None:
         if value is None:
             continue
         where = f"{owner}.{f.name}={value!r}"
+        items = value if isinstance(value, tuple) else (value,)
+        if any(isinstance(v, float) and not math.isfinite(v) for v in items):
+            raise DiffbenchError(f"{where} is not a finite number")
         if meta.get("choices") is not None and value not in meta["choices"]:
             allowed = ", ".join(repr(c) for c in meta["choices"])
             raise DiffbenchError(f"{where} is not allowed; choose one of {allowed}")

@@ -17,8 +17,6 @@ that gives it the same data.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
@@ -29,7 +27,8 @@ import torch
 
 from harness import params as P
 from harness.cache import CACHE_ENV, cache_root
-from harness.errors import DiffbenchError
+from harness.errors import DiffbenchError, WriteFailed
+from harness.files import atomic_write
 
 ARTIFACT_FORMAT = 1  # bump when a stored artifact's meaning changes
 
@@ -89,6 +88,10 @@ class ArtifactCache:
             return None
         from safetensors.torch import load_file
 
+        if self.meta(method, key).get("method") != method:
+            print(f"diffbench: ignoring prepared weights {path}: their meta file is missing or "
+                  "damaged; retraining", flush=True)
+            return None
         try:
             return load_file(str(path))
         except Exception as exc:  # noqa: BLE001 - a broken file is retrained, never trusted
@@ -101,9 +104,10 @@ class ArtifactCache:
         if self.root is None:
             return dict(self._meta.get(f"{method}-{key}", {}))
         try:
-            return json.loads(self.path(method, key).with_suffix(".json").read_text())
+            meta = json.loads(self.path(method, key).with_suffix(".json").read_text())
         except (OSError, ValueError):
             return {}
+        return meta if isinstance(meta, dict) else {}
 
     def save(self, method: str, key: str, tensors: Mapping[str, torch.Tensor],
              meta: Mapping[str, Any]) -> None:
@@ -112,19 +116,15 @@ class ArtifactCache:
             self._memory[f"{method}-{key}"] = tensors
             self._meta[f"{method}-{key}"] = dict(meta)
             return
-        from safetensors.torch import save_file
+        from safetensors.torch import save
 
         path = self.path(method, key)
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".safetensors")
-            os.close(fd)
-            save_file(tensors, tmp, metadata={"method": method, "key": key})
-            os.replace(tmp, path)
-            path.with_suffix(".json").write_text(json.dumps(dict(meta), indent=1, default=str))
-        except OSError as exc:
-            raise DiffbenchError(f"cannot write prepared weights to {path.parent}: {exc} "
-                                 f"(set {CACHE_ENV} to a writable folder)") from exc
+        try:  # meta first: weights without their meta are only missing train_s, never wrong
+            atomic_write(path.with_suffix(".json"), json.dumps(dict(meta), indent=1, default=str))
+            atomic_write(path, save(tensors, metadata={"method": method, "key": key}))
+        except WriteFailed as exc:
+            raise WriteFailed(exc.path, exc.os_error,
+                              f"set {CACHE_ENV} to a writable folder") from None
 
 
 def member_key(member: Any, config: Any, data: PrepareData) -> str:

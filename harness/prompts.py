@@ -6,6 +6,7 @@ import csv
 import dataclasses
 import hashlib
 import importlib
+import io
 import math
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -108,41 +109,66 @@ def general() -> list[str]:
 # --- prompt files ---------------------------------------------------------------------------
 TEXT_COLUMNS = ("caption", "prompt", "text")  # MLPerf COCO TSV: id, caption
 I2P_COLUMNS = ("prompt", "sd_seed", "sd_guidance_scale")  # the I2P benchmark CSV
+MAX_SEED = 2**64 - 1  # what torch.Generator.manual_seed takes
+MAX_GUIDANCE = 100.0  # the range of the cell's own guidance setting
 
 
 def _fail(path: Path, line: int, message: str) -> DiffbenchError:
     return DiffbenchError(f"{path}:{line}: {message}")
 
 
+def _text(path: Path) -> str:
+    """The file as UTF-8 text (a BOM is dropped); other bytes are an error naming the line."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise _fail(path, line, f"not UTF-8 text (byte 0x{data[exc.start]:02x}); save the file "
+                                "as UTF-8") from None
+
+
 def read_txt(path: Path) -> list[Prompt]:
     """One prompt a line; blank lines and lines starting with # are skipped."""
-    with open(path, encoding="utf-8-sig") as f:
-        lines = [line.strip() for line in f]
+    lines = [line.strip() for line in _text(path).splitlines()]
     return [Prompt(line) for line in lines if line and not line.startswith("#")]
+
+
+def _rows(path: Path, delimiter: str) -> Iterator[tuple[int, list[str]]]:
+    """(first line number, fields) per row, the header first; strict quoting: an unterminated
+    quote or a quoted field over several lines is an error naming the line."""
+    reader = csv.reader(io.StringIO(_text(path), newline=""), delimiter=delimiter, strict=True)
+    line = 1
+    try:
+        for row in reader:
+            if any("\n" in cell or "\r" in cell for cell in row):
+                raise _fail(path, line, "a quoted field runs over several lines (an "
+                                        "unterminated quote?)")
+            yield line, row
+            line = reader.line_num + 1
+    except csv.Error as exc:
+        raise _fail(path, line, f"bad quoting ({exc})") from None
 
 
 def _records(path: Path, delimiter: str) -> Iterator[tuple[int, dict[str, str]]]:
     """(first line number, {column: value}) per data row; a wrong field count is an error."""
-    with open(path, encoding="utf-8-sig", newline="") as f:
-        reader = csv.reader(f, delimiter=delimiter)
-        header = [h.strip() for h in next(reader, [])]
-        line = reader.line_num + 1
-        for row in reader:
-            if row and len(row) != len(header):
-                raise _fail(path, line, f"expected {len(header)} fields like the header, "
-                                        f"found {len(row)}")
-            if any(cell.strip() for cell in row):
-                yield line, dict(zip(header, row, strict=True))
-            line = reader.line_num + 1
+    rows = _rows(path, delimiter)
+    header = [h.strip() for h in next(rows, (1, []))[1]]
+    for line, row in rows:
+        if row and len(row) != len(header):
+            raise _fail(path, line, f"expected {len(header)} fields like the header, "
+                                    f"found {len(row)}")
+        if any(cell.strip() for cell in row):
+            yield line, dict(zip(header, row, strict=True))
 
 
 def _header(path: Path, delimiter: str) -> list[str]:
-    with open(path, encoding="utf-8-sig", newline="") as f:
-        return [h.strip() for h in next(csv.reader(f, delimiter=delimiter), [])]
+    return [h.strip() for h in next(_rows(path, delimiter), (1, []))[1]]
 
 
-def _parse(path: Path, line: int, column: str, value: str, kind: type) -> int | float | None:
-    """A per-prompt number (empty: None); a malformed or negative value names file and line."""
+def _parse(path: Path, line: int, column: str, value: str, kind: type,
+           high: float) -> int | float | None:
+    """A per-prompt number in [0, high] (empty: None); anything else names file and line."""
     value = value.strip()
     if not value:
         return None
@@ -150,9 +176,9 @@ def _parse(path: Path, line: int, column: str, value: str, kind: type) -> int | 
         number = kind(value)
     except ValueError:
         number = None
-    if number is None or not math.isfinite(number) or number < 0:
-        expected = "integer" if kind is int else "number"
-        raise _fail(path, line, f"bad {column} {value!r} (expected a non-negative {expected})")
+    if number is None or not math.isfinite(number) or not 0 <= number <= high:
+        expected = "an integer" if kind is int else "a number"
+        raise _fail(path, line, f"bad {column} {value!r} (expected {expected} in [0, {high}])")
     return number
 
 
@@ -170,8 +196,9 @@ def read_table(path: Path, delimiter: str) -> list[Prompt]:
         if not text:
             raise _fail(path, line, f"empty prompt in column '{column}'")
         if i2p:
-            seed = _parse(path, line, "sd_seed", record["sd_seed"], int)
-            guidance = _parse(path, line, "sd_guidance_scale", record["sd_guidance_scale"], float)
+            seed = _parse(path, line, "sd_seed", record["sd_seed"], int, MAX_SEED)
+            guidance = _parse(path, line, "sd_guidance_scale", record["sd_guidance_scale"],
+                              float, MAX_GUIDANCE)
             prompts.append(Prompt(text, seed, guidance))
         else:
             prompts.append(Prompt(text))

@@ -12,6 +12,8 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import sys
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -19,6 +21,8 @@ from typing import Any
 import numpy as np
 
 from harness.cache import cache_root
+from harness.errors import DiffbenchError
+from harness.files import atomic_write
 from harness.metric import Metric, MetricContext, Observation, register_metric
 from metrics.bootstrap import (
     bootstrap_ci,
@@ -196,27 +200,21 @@ def stats_key(dataset: str, extractor: str, resize: str, n: int) -> str:
 def save_stats(path: str | Path, mu: Any, sigma: Any, root: Any = None, **meta: Any) -> Path:
     """Write mu / sigma (float64; sigma^(1/2) as `root` when given) and string metadata
     atomically, MLPerf / clean-fid style."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.npz")
     arrays = {"mu": np.asarray(mu, np.float64), "sigma": np.asarray(sigma, np.float64)}
     if root is not None:
         arrays["root"] = np.asarray(root, np.float64)
-    np.savez(tmp, **arrays, **{k: np.asarray(str(v)) for k, v in meta.items()})
-    os.replace(tmp, path)
-    return path
+    arrays.update({k: np.asarray(str(v)) for k, v in meta.items()})
+    return atomic_write(path, lambda fh: np.savez(fh, **arrays))
 
 
 def load_stats(path: str | Path) -> Reference:
     """User-given or cached statistics: an .npz with `mu` and `sigma` (e.g. MLPerf val2014)."""
-    from harness.errors import DiffbenchError
-
     path = Path(os.path.expanduser(str(path)))
     try:
-        with np.load(path) as data:
+        with np.load(path, allow_pickle=False) as data:
             root = data["root"] if "root" in data.files else None
             return Reference(data["mu"], data["sigma"], name=path.name, root=root)
-    except (OSError, KeyError, ValueError) as exc:
+    except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile) as exc:
         raise DiffbenchError(f"reference statistics {path}: cannot read mu / sigma ({exc})") \
             from None
 
@@ -226,9 +224,13 @@ def cached_reference(dataset: str, extractor: str, resize: str, n: int,
                      ) -> Reference:
     """Statistics from the cache, or computed from `features()` and cached."""
     path = (directory or cache_dir()) / stats_key(dataset, extractor, resize, n)
+    ref = None
     if path.exists():
-        ref = load_stats(path)
-    else:
+        try:
+            ref = load_stats(path)
+        except DiffbenchError as exc:  # a damaged cache file is rebuilt, never trusted
+            print(f"diffbench: rebuilding damaged cached statistics ({exc})", file=sys.stderr)
+    if ref is None:
         ref = Reference(*mean_cov(features()))
         save_stats(path, ref.mu, ref.sigma, root=ref.root, dataset=dataset,
                    extractor=extractor, resize=resize, n=n)

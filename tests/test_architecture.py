@@ -12,8 +12,8 @@ MAX_LINES = 400
 
 # The layers of ARCHITECTURE.md, lowest first: a module may import its own layer and the ones
 # below it. The contracts are the plug-in modules at the top of harness/.
-CONTRACTS = ("harness", "harness.cache", "harness.errors", "harness.registry", "harness.params",
-             "harness.steps", "harness.seeds", "harness.method", "harness.metric",
+CONTRACTS = ("harness", "harness.cache", "harness.errors", "harness.files", "harness.registry",
+             "harness.params", "harness.steps", "harness.seeds", "harness.method", "harness.metric",
              "harness.stack", "harness.prepare", "harness.prompts")
 LAYERS = {
     "contracts": 0,

@@ -7,6 +7,8 @@ from harness.models.registry import (
     MODELS,
     RANDOM_WEIGHTS,
     ModelSpec,
+    check_resolution,
+    check_weights,
     load_pipeline,
     register_model,
     resolve_dtype,
@@ -14,5 +16,6 @@ from harness.models.registry import (
     weights_source,
 )
 
-__all__ = ["DTYPES", "EMBEDDED", "MODELS", "RANDOM_WEIGHTS", "ModelSpec", "load_pipeline",
+__all__ = ["DTYPES", "EMBEDDED", "MODELS", "RANDOM_WEIGHTS", "ModelSpec", "check_resolution",
+           "check_weights", "load_pipeline",
            "register_model", "resolve_dtype", "text_to_image_kwargs", "weights_source"]

@@ -68,6 +68,7 @@ def build_tiny_sd(dtype: torch.dtype = torch.float32) -> Any:
 
 @register_model("tiny-dit", pipeline_class="DiTPipeline", resolution=32, steps=10, guidance=4.0,
                 default_weights="none", has_quality=False, conditioning="class",
+                resolution_multiple=None,
                 call_kwargs=dit_kwargs)
 def build_tiny_dit(dtype: torch.dtype = torch.float32) -> Any:
     """Tiny DiT-architecture pipeline (4 adaLN-Zero blocks, class labels, KL-VAE, DDIM)."""

@@ -193,6 +193,7 @@ def pixart_kwargs(prompts: list[str], steps: int, guidance: float, resolution: i
 
 @register_model("pixart-alpha", pipeline_class="PixArtAlphaPipeline",
                 hub_id="PixArt-alpha/PixArt-XL-2-512x512", resolution=512, steps=20, guidance=4.5,
+                resolution_multiple=16,
                 call_kwargs=pixart_kwargs)
 def build_pixart_alpha(dtype: torch.dtype = torch.float32) -> Any:
     """PixArt-alpha XL/2 512px: 611M DiT with cross-attention, T5-v1.1-XXL text, DPM-Solver++."""
@@ -227,6 +228,7 @@ def dit_kwargs(prompts: list[str], steps: int, guidance: float, resolution: int,
 
 @register_model("dit-xl-2", pipeline_class="DiTPipeline", hub_id="facebook/DiT-XL-2-256",
                 resolution=256, steps=250, guidance=4.0, conditioning="class",
+                resolution_multiple=None,
                 call_kwargs=dit_kwargs)
 def build_dit_xl_2(dtype: torch.dtype = torch.float32) -> Any:
     """DiT-XL/2 256px: 675M class-conditional transformer, sd-vae-ft-ema, DDIM (hub configs)."""

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from harness.errors import DiffbenchError
-from harness.run.leaderboard import fmt, read_csv
+from harness.run.leaderboard import fmt, read_leaderboard
 
 DIRECTIONS = ("lower", "higher", "both")
 
@@ -184,8 +184,13 @@ def compare(new_path: str | Path, ref_path: str | Path,
     Raises DiffbenchError when nothing at all could be compared (an empty reference, or no
     tolerance column that is a number in both leaderboards), so the gate never passes vacuously.
     """
-    new = {r["config_hash"]: r for r in read_csv(new_path)}
-    ref_rows = read_csv(ref_path)
+    new = {r["config_hash"]: r for r in read_leaderboard(new_path)}
+    ref_rows = read_leaderboard(ref_path)
+    if not ref_rows:
+        raise DiffbenchError(f"nothing was compared: reference {ref_path} has no rows")
+    if not any(r["config_hash"] in new for r in ref_rows):
+        raise DiffbenchError(f"no row of reference {ref_path} is in {new_path} (no config_hash "
+                             "in common: another grid or other settings?)")
     diffs = []
     for ref_row in ref_rows:
         key = ref_row["config_hash"]

@@ -141,15 +141,27 @@ def _wrap(label: str, width: int = 22) -> str:
     return "\n".join([*lines, line.rstrip()])
 
 
+def cached_images(run_dir: Path, key: str) -> Any:
+    """A cell's cached images, or None (with a stderr line) when the key from the CSV is not a
+    cell key or the file is absent or damaged."""
+    import sys
+
+    from harness.errors import DiffbenchError
+    from harness.run.store import CellStore
+
+    try:
+        return CellStore(run_dir).load_images(key)
+    except DiffbenchError as exc:
+        print(f"diffbench: grid without cell {key!r}: {exc}", file=sys.stderr)
+        return None
+
+
 def grids(run_dir: Path, groups: dict[str, list[Row]], out: Path,
           defaults: dict[str, dict[str, Any]]) -> dict[str, str]:
     """Write grid-<model>.png for every model with finished cells; model -> file name."""
-    import numpy as np
-
     written = {}
     for model, rows in groups.items():
-        cached = [run_dir / "images" / f"{text(r, 'config_hash')}.npy" for r in rows]
-        images = [np.load(p, mmap_mode="r") if p.is_file() else None for p in cached]
+        images = [cached_images(run_dir, text(r, "config_hash")) for r in rows]
         name = f"grid-{slug(model)}.png"
         image_grid(list(zip(row_labels(rows, defaults), images)), out / name)
         written[model] = name

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import csv
 import io
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -33,7 +34,7 @@ from harness.reporting.tables import (
 
 def load_rows(run_dir: str | Path) -> list[Row]:
     """The run's leaderboard rows (built from the cell files when the CSV is missing)."""
-    from harness.run.leaderboard import read_csv, render_csv
+    from harness.run.leaderboard import read_leaderboard, render_csv
     from harness.run.store import CellStore
 
     run = Path(run_dir)
@@ -41,7 +42,7 @@ def load_rows(run_dir: str | Path) -> list[Row]:
         raise DiffbenchError(f"run folder not found: {run_dir}")
     csv_path = run / "leaderboard.csv"
     if csv_path.is_file():
-        rows = read_csv(csv_path)
+        rows = read_leaderboard(csv_path)
     elif (run / "cells").is_dir():
         rows = list(csv.DictReader(io.StringIO(render_csv(CellStore(run).records()))))
     else:
@@ -72,6 +73,8 @@ def report(run_dir: str | Path, out_dir: str | Path | None = None, quality: str 
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise DiffbenchError(f"cannot create report folder {out}: {exc.strerror}") from None
+    if not os.access(out, os.W_OK):
+        raise DiffbenchError(f"report folder {out} is not writable (--out elsewhere?)")
     ok = [r for r in rows if text(r, "status") == "ok"]
     groups = by_model(ok)
     defaults = method_defaults(sorted({text(r, "method") for r in rows}))
@@ -101,7 +104,3 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     return p
 
 
-def run(args: argparse.Namespace) -> int:
-    path = report(args.run_dir, args.out, args.quality, args.columns)
-    print(f"report: {path}")
-    return 0

@@ -8,7 +8,6 @@ metric's old ones in the cell JSON, and the CSV leaderboard is rebuilt. Nothing 
 from __future__ import annotations
 
 import argparse
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -39,9 +38,11 @@ def score_record(record: dict[str, Any], store: Any, metrics: Sequence[str],
 
 
 def score(run_dir: str | Path, metrics: Sequence[str] = QUALITY_METRICS,
-          csv_path: str | Path | None = None) -> Path:
-    """Recompute `metrics` for every finished cell of the run; rewrite cells and the CSV."""
-    from harness.errors import DiffbenchError
+          csv_path: str | Path | None = None) -> tuple[Path, list[str], int]:
+    """Recompute `metrics` for every finished cell of the run; rewrite cells and the CSV. The
+    CSV's path, one line per cell that could not be rescored (damaged or missing images, a
+    metric's error) and how many cells were tried."""
+    from harness.errors import DiffbenchError, WriteFailed
     from harness.metric import METRICS
     from harness.run.leaderboard import write_leaderboard
     from harness.run.store import CellStore
@@ -51,17 +52,24 @@ def score(run_dir: str | Path, metrics: Sequence[str] = QUALITY_METRICS,
     store = CellStore(run_dir)
     if not store.cells_dir.is_dir():
         raise DiffbenchError(f"{run_dir} is not a diffbench run folder (no cells/ inside)")
+    failed, tried = [], 0
     with store.lock():
         for record in store.records():
-            if record.get("status") != "ok":
+            if record["status"] != "ok":
                 continue
-            if not store.images_path(record["key"]).exists():
-                print(f"diffbench: cell {record['key']} has no cached images; not rescored",
-                      file=sys.stderr)
+            tried += 1
+            cell = record["cell"]
+            label = f"{record['key']} {cell.get('model')} {cell.get('method')}"
+            try:
+                scored = score_record(record, store, metrics)
+            except WriteFailed:
+                raise
+            except Exception as exc:  # noqa: BLE001 - one cell's problem; the others go on
+                failed.append(f"{label}: not rescored: {str(exc).splitlines()[0][:300]}")
                 continue
-            store.write(score_record(record, store, metrics))
+            store.write(scored)
         return write_leaderboard(store.records(),
-                                 csv_path or store.out_dir / "leaderboard.csv")
+                                 csv_path or store.out_dir / "leaderboard.csv"), failed, tried
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -72,9 +80,3 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help=f"metrics to recompute (default: {' '.join(QUALITY_METRICS)})")
     p.add_argument("--csv", help="where to write (default: RUN_DIR/leaderboard.csv)")
     return p
-
-
-def run(args: argparse.Namespace) -> int:
-    path = score(args.run_dir, tuple(args.metrics), args.csv)
-    print(f"leaderboard: {path}")
-    return 0

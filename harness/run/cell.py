@@ -4,7 +4,6 @@ states, finish, record. Each backend (local.py, ray.py) calls them; none calls a
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import traceback
 from collections.abc import Callable
@@ -13,13 +12,13 @@ from typing import Any
 
 import torch
 
-from harness.errors import MissingExtraError
+from harness.errors import MissingExtraError, WriteFailed
 from harness.metric import METRICS, MetricContext, Observation
 from harness.models import MODELS, ModelSpec, load_pipeline, resolve_dtype
 from harness.prompts import load_prompts
 from harness.run.config import Cell, RunConfig
 from harness.run.generate import call_kwargs, generate
-from harness.run.store import CellStore
+from harness.run.store import CellStore, images_digest
 from harness.seeds import image_seed
 from harness.stack import resolve_method
 from harness.steps import StepContext
@@ -270,11 +269,6 @@ def derived_columns(columns: dict[str, Any], env: dict[str, str], dtype: str) ->
     return {"tflops_achieved": achieved, "mfu": mfu(flops * ips, 1.0, peak) if peak else None}
 
 
-def images_digest(images: torch.Tensor) -> str:
-    """sha256 of the uint8 images: equal digests mean bit-identical images."""
-    return hashlib.sha256(images.contiguous().numpy().tobytes()).hexdigest()[:16]
-
-
 def metric_context(cell: Cell, config: RunConfig, store: CellStore) -> MetricContext:
     return MetricContext(cell=cell, spec=MODELS.get(cell.model), store=store,
                          options=config.metric_options)
@@ -334,7 +328,7 @@ def finish_cell(cell: Cell, config: RunConfig, store: CellStore, env: dict[str, 
     note = ("random weights: quality not measured" if random_weights and spec.has_quality
             else "" if spec.has_quality else "toy model: quality not meaningful")
     return {"metrics": columns, "effective_steps": shards[0]["effective_steps"],
-            "images_sha": images_digest(images), "note": note, "shards": len(shards)}
+            "images_sha": images_digest(images.numpy()), "note": note, "shards": len(shards)}
 
 
 def cell_record(cell: Cell, config: RunConfig, env: dict[str, str],
@@ -344,6 +338,8 @@ def cell_record(cell: Cell, config: RunConfig, env: dict[str, str],
               "timing": dataclasses.asdict(config.timing), "environment": env}
     try:
         return {**record, "status": "ok", "error": "", **measure()}
+    except WriteFailed:
+        raise  # the disk, not the cell: the run stops (job.run says how far it got)
     except Exception as exc:  # noqa: BLE001 - any failure becomes a row; the grid goes on
         if cell.device.startswith("cuda") and torch.cuda.is_available():
             torch.cuda.empty_cache()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import itertools
 import tomllib
 from collections.abc import Mapping
@@ -175,32 +176,65 @@ def expand_grid(defaults: Mapping[str, Any], methods: list[Mapping[str, Any]]) -
     return tuple(seen.values())
 
 
+SECTIONS = {"name": str, "defaults": dict, "timing": dict, "methods": list, "metrics": list,
+            "metric_options": dict}  # suite file sections and their TOML types
+
+
+def read_suite(path: Path) -> dict[str, Any]:
+    """A suite file's tables, each of the right type; every problem one line naming the file."""
+    if not path.is_file() and (SUITES_DIR / f"{path}.toml").is_file():
+        path = SUITES_DIR / f"{path}.toml"
+    if path.is_dir():
+        raise DiffbenchError(f"suite {path} is a folder, not a TOML file")
+    try:
+        data = tomllib.loads(path.read_bytes().decode("utf-8"))
+    except FileNotFoundError:
+        names = sorted(p.stem for p in SUITES_DIR.glob("*.toml"))
+        close = difflib.get_close_matches(str(path), names, n=1, cutoff=0.6)
+        hint = f"; did you mean '{close[0]}'?" if close else f" (built-in: {', '.join(names)})"
+        raise DiffbenchError(f"suite file not found: {path}{hint}") from None
+    except OSError as exc:
+        raise DiffbenchError(f"cannot read suite file {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise DiffbenchError(f"suite file {path} is not UTF-8 text (a TOML file?)") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise DiffbenchError(f"suite file {path} is not valid TOML: {exc}") from None
+    unknown = set(data) - set(SECTIONS)
+    if unknown:
+        raise DiffbenchError(f"suite file {path}: unknown sections {sorted(unknown)}; "
+                             f"use {', '.join(SECTIONS)}")
+    for key, kind in SECTIONS.items():
+        if key in data and not isinstance(data[key], kind):
+            shape = {str: "a string", dict: "a table", list: "an array"}[kind]
+            raise DiffbenchError(f"suite file {path}: '{key}' must be {shape}, not "
+                                 f"{type(data[key]).__name__} {data[key]!r}"[:200])
+    for i, entry in enumerate(data.get("methods", [])):
+        if not isinstance(entry, dict) or not isinstance(entry.get("params", {}), dict):
+            raise DiffbenchError(f"suite file {path}: methods[{i}] must be a [[methods]] table "
+                                 "with a name and a params table")
+        if not isinstance(entry.get("name"), str):
+            raise DiffbenchError(f"suite file {path}: methods[{i}] needs a name string")
+    if not all(isinstance(m, str) for m in data.get("metrics", [])):
+        raise DiffbenchError(f"suite file {path}: metrics must be an array of metric names")
+    data.setdefault("name", path.stem)
+    return data
+
+
 def load_suite(path: str | Path, overrides: Mapping[str, Any] | None = None,
                methods: list[Mapping[str, Any]] | None = None) -> RunConfig:
     """Read a suite TOML; CLI overrides replace its defaults, CLI methods replace its methods."""
-    path = Path(path)
-    if not path.is_file() and (SUITES_DIR / f"{path}.toml").exists():
-        path = SUITES_DIR / f"{path}.toml"
-    try:
-        data = tomllib.loads(path.read_text())
-    except FileNotFoundError:
-        raise DiffbenchError(f"suite file not found: {path}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise DiffbenchError(f"suite file {path} is not valid TOML: {exc}") from None
-    unknown = set(data) - {"name", "defaults", "timing", "methods", "metrics", "metric_options"}
-    if unknown:
-        raise DiffbenchError(f"suite file {path}: unknown sections {sorted(unknown)}; "
-                             "use name, defaults, timing, methods, metrics, metric_options")
+    from harness.files import check_name
+    from harness.metric import check_metric_options
+
+    data = read_suite(Path(path))
     names = tuple(data.get("metrics", RunConfig.metrics))
     options = data.get("metric_options", {})
     for name in names:
         METRICS.get(name)  # unknown metric names fail now, with a suggestion
-    from harness.metric import check_metric_options
-
     check_metric_options(options)  # metric names, tables, option names (Metric.option_names)
     defaults = {**data.get("defaults", {}), **(overrides or {})}
     return RunConfig(
-        name=data.get("name", path.stem),
+        name=check_name(data["name"], "suite name"),
         cells=expand_grid(defaults, methods or data.get("methods") or [{"name": "baseline"}]),
         timing=P.build(Timing, data.get("timing"), owner="timing"),
         metrics=names,

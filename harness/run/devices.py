@@ -160,3 +160,30 @@ def environment(device: str) -> dict[str, str]:
         "git_sha": git_sha(),
     }
 
+
+
+DEVICE_TYPES = ("cpu", "cuda", "mps")
+
+
+def check_device(name: str) -> None:
+    """Refuse, before any work, a device torch cannot parse or this machine does not have."""
+    from harness.errors import DiffbenchError
+
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        device = None
+    if device is None or device.type not in DEVICE_TYPES:
+        raise DiffbenchError(f"device={name!r} is not a device; use auto, cpu, cuda, cuda:N "
+                             "or mps")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+            raise DiffbenchError(f"device={name!r}: no CUDA device on this machine (torch "
+                                 f"{torch.__version__}, {build}); use --device cpu or auto")
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise DiffbenchError(f"device={name!r}: this machine has {count} CUDA device(s), "
+                                 f"cuda:0 to cuda:{count - 1}")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise DiffbenchError(f"device={name!r}: MPS is not available on this machine")

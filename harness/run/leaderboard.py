@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import csv
 import io
-import os
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
+
+from harness.files import atomic_write
 
 IDENTITY = ("model", "weights", "method", "params", "config_hash", "prompts", "n_images", "steps",
             "guidance", "resolution", "seed", "dtype", "batch_size", "device", "compile")
@@ -119,15 +119,40 @@ def render_csv(records: list[dict[str, Any]]) -> str:
 
 def write_leaderboard(records: list[dict[str, Any]], path: str | Path) -> Path:
     """Write the CSV atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".csv")
-    with os.fdopen(fd, "w") as fh:
-        fh.write(render_csv(records))
-    os.replace(tmp, path)
-    return path
+    return atomic_write(path, render_csv(records))
 
 
 def read_csv(path: str | Path) -> list[dict[str, str]]:
     with open(path, newline="") as fh:
         return list(csv.DictReader(fh))
+
+
+REQUIRED = ("model", "method", "params", "config_hash", "status")  # what readers key rows by
+
+
+def read_leaderboard(path: str | Path) -> list[dict[str, str]]:
+    """A diffbench leaderboard's rows; a file that is not one (missing, not UTF-8 CSV, without
+    the identity columns, a row of the wrong length) is a one-line error naming it."""
+    from harness.errors import DiffbenchError
+
+    try:
+        text = Path(path).read_bytes().decode("utf-8")
+    except FileNotFoundError:
+        raise DiffbenchError(f"leaderboard not found: {path}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        why = getattr(exc, "strerror", None) or "not UTF-8 text"
+        raise DiffbenchError(f"cannot read leaderboard {path}: {why}") from None
+    try:
+        reader = csv.DictReader(io.StringIO(text, newline=""), strict=True)
+        rows = list(reader)
+    except csv.Error as exc:
+        raise DiffbenchError(f"{path} is not a CSV file ({exc})") from None
+    missing = [c for c in REQUIRED if c not in (reader.fieldnames or ())]
+    if missing:
+        raise DiffbenchError(f"{path} is not a diffbench leaderboard: no "
+                             f"{', '.join(missing)} column")
+    short = next((i for i, r in enumerate(rows) if None in r.values() or None in r), None)
+    if short is not None:
+        raise DiffbenchError(f"{path}:{short + 2}: row has another number of fields than the "
+                             "header")
+    return rows

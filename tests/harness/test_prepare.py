@@ -106,3 +106,27 @@ def test_a_method_that_reads_no_cell_prompts_is_trained_once_for_all_prompt_sets
         prepare_artifacts(plain, None, FakeConfig(), dataclasses.replace(data(), prompts=prompts),
                           cache)
     assert plain.calls == 2
+
+
+def test_damaged_or_missing_meta_is_retrained(tmp_path, capsys):
+    spec = FakeSpec()
+    prepare_artifacts(spec, None, FakeConfig(), data(), ArtifactCache(tmp_path))
+    meta = next(tmp_path.glob("fake-*.json"))
+    meta.write_text('{"method": "fa')
+    prepare_artifacts(spec, None, FakeConfig(), data(), ArtifactCache(tmp_path))
+    meta.unlink()
+    prepare_artifacts(spec, None, FakeConfig(), data(), ArtifactCache(tmp_path))
+    assert spec.calls == 3 and "meta file is missing or damaged" in capsys.readouterr().out
+    prepare_artifacts(spec, None, FakeConfig(), data(), ArtifactCache(tmp_path))
+    assert spec.calls == 3  # healed: loaded again
+    assert sorted(p.suffix for p in tmp_path.iterdir()) == [".json", ".safetensors"]
+
+
+def test_unwritable_cache_is_one_line_naming_the_variable(tmp_path):
+    import pytest
+
+    from harness.errors import WriteFailed
+
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(WriteFailed, match="set DIFFBENCH_CACHE to a writable folder"):
+        prepare_artifacts(FakeSpec(), None, FakeConfig(), data(), ArtifactCache(tmp_path / "file"))

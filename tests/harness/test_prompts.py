@@ -133,10 +133,36 @@ def test_empty_prompt_names_the_line(tmp_path):
 
 
 def test_error_messages_are_one_line(tmp_path):
-    path = write(tmp_path, "p.csv", "id,caption\n1,\"a cat\nwith two lines\"\n2\n")
+    path = write(tmp_path, "p.csv", "id,caption\n1,a cat\n2,a dog,extra\n")
     with pytest.raises(DiffbenchError) as info:
         load_prompts(str(path), None)
-    assert "\n" not in str(info.value) and f"{path}:4:" in str(info.value)
+    assert "\n" not in str(info.value) and f"{path}:3:" in str(info.value)
+
+
+@pytest.mark.parametrize("text, line, why", [
+    ("id,caption\n1,\"a cat\nwith two lines\"\n2,b\n", 2, "runs over several lines"),
+    ("id,caption\n1,a cat\n2,\"a dog\n3,a bird\n", 3, "bad quoting"),
+    ("id,caption\n1,\"a\" cat\n", 2, "bad quoting"),
+])
+def test_quoting_mistakes_name_the_line_instead_of_merging_rows(tmp_path, text, line, why):
+    path = write(tmp_path, "p.csv", text)
+    with pytest.raises(DiffbenchError, match=rf"{path}:{line}: .*{why}"):
+        load_prompts(str(path), None)
+
+
+@pytest.mark.parametrize("name, data", [("p.txt", b"a cat\n\xff\xfe dog\n"),
+                                        ("p.csv", b"caption\na cat\nd\xe9j\xe0 vu\n")])
+def test_non_utf8_bytes_name_file_and_line(tmp_path, name, data):
+    path = tmp_path / name
+    path.write_bytes(data)
+    with pytest.raises(DiffbenchError, match=rf"{path}:\d: not UTF-8 text \(byte 0x"):
+        load_prompts(str(path), None)
+
+
+def test_i2p_seed_beyond_what_torch_takes_names_the_line(tmp_path):
+    path = write(tmp_path, "i2p.csv", I2P_CSV.replace("123", str(2**64)))
+    with pytest.raises(DiffbenchError, match=rf"{path}:3: bad sd_seed .*18446744073709551615"):
+        load_prompts(str(path), None)
 
 
 def test_missing_file_and_unsupported_type(tmp_path):

@@ -171,7 +171,9 @@ def test_one_qat_step_lowers_loss_and_trains_only_mlp_and_weight_steps(tiny_pipe
         return distill_loss(tiny_pipe, student, calib, 2, lambda t: qat_steps(mlp, t, g),
                             torch.Generator().manual_seed(3))
 
-    optimizer = lsq_optimizer([*mlp.parameters(), *student.parameters()], 1e-3)  # as prepare
+    # a tenth of prepare's 1e-3: at that rate whether three STE steps overshoot a rounding
+    # boundary depended on float rounding, i.e. the thread count (failed at 1 thread)
+    optimizer = lsq_optimizer([*mlp.parameters(), *student.parameters()], 1e-4)
     first = loss()
     assert loss().item() == first.item(), "loss must be deterministic"
     values = []

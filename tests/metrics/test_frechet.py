@@ -257,3 +257,21 @@ class TestFDClipContract(MetricContract):
         monkeypatch.setenv(CACHE_ENV, str(tmp_path))
         monkeypatch.setattr(fr, "world_reference_images",
                             lambda n=fr.WORLD_REFERENCE_N, **kw: random_images(0, 8, 32).numpy())
+
+
+@pytest.mark.parametrize("damage", [b"", b"PK\x03\x04 not a zip", b"garbage"])
+def test_damaged_cached_stats_are_rebuilt(tmp_path, capsys, damage):
+    calls = []
+
+    def feats():
+        calls.append(1)
+        return fake_extractor(random_images(7, n=20))
+
+    first = fr.cached_reference("world", "fake", "none", 20, feats, tmp_path)
+    (path,) = tmp_path.glob("*.npz")
+    path.write_bytes(damage)
+    again = fr.cached_reference("world", "fake", "none", 20, feats, tmp_path)
+    assert len(calls) == 2 and "rebuilding damaged cached statistics" in capsys.readouterr().err
+    np.testing.assert_array_equal(first.sigma, again.sigma)
+    np.testing.assert_array_equal(fr.load_stats(path).mu, first.mu)  # the file is whole again
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temp file left

@@ -204,6 +204,26 @@ def test_nothing_compared_is_an_error_not_a_pass(tmp_path):
     with pytest.raises(DiffbenchError, match="nothing was compared") as err:
         compare(new, blank)
     assert "\n" not in str(err.value)
-    # a missing row is still a regression, not "nothing compared"
+    # no reference row in the new leaderboard at all: the wrong file, not a regression
     other = write_rows(tmp_path / "other.csv", {"config_hash": "x", "speedup": "1.5"})
-    assert [d.column for d in compare(other, new) if d.regression] == ["row"]
+    with pytest.raises(DiffbenchError, match="no row of reference .* is in"):
+        compare(other, new)
+
+
+def test_a_missing_row_is_a_regression(tmp_path):
+    new = write_rows(tmp_path / "new.csv", {"speedup": "1.5"})
+    ref = write_rows(tmp_path / "ref.csv", {"speedup": "1.5"},
+                     {"config_hash": "gone", "speedup": "1.5"})
+    assert [d.column for d in compare(new, ref) if d.regression] == ["row"]
+
+
+@pytest.mark.parametrize("content", [b"\x89PNG\r\n\x1a\n\x00\x00garbage\xff",
+                                     b"a,b,c\n1,2,3\n", b"", b"model,method\n"])
+def test_a_file_that_is_no_leaderboard_is_one_line(tmp_path, content):
+    new = write_rows(tmp_path / "new.csv", {"speedup": "1.5"})
+    bad = tmp_path / "bad.csv"
+    bad.write_bytes(content)
+    for args in ((new, bad), (bad, new)):
+        with pytest.raises(DiffbenchError) as err:
+            compare(*args)
+        assert "\n" not in str(err.value) and str(bad) in str(err.value)

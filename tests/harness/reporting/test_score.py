@@ -1,6 +1,5 @@
 """`diffbench score`: quality metrics recomputed from cached images; cell JSON and CSV rebuilt."""
 
-import argparse
 import dataclasses
 import json
 
@@ -48,7 +47,8 @@ def quality_tiny(monkeypatch):
 
 def test_score_fills_quality_columns_and_keeps_speed(tmp_path, quality_tiny):
     store = write_run(tmp_path)
-    csv_path = sc.score(tmp_path, ("fidelity", "clip_score", "nsfw"))
+    csv_path, failed, tried = sc.score(tmp_path, ("fidelity", "clip_score", "nsfw"))
+    assert failed == [] and tried == 2
     rows = {r["method"]: r for r in read_csv(csv_path)}
     assert rows["baseline"]["psnr"] == ""  # the baseline has nothing to compare with
     assert float(rows["deepcache"]["psnr"]) > 0 and rows["deepcache"]["ssim_ci_lo"] != ""
@@ -62,26 +62,32 @@ def test_score_fills_quality_columns_and_keeps_speed(tmp_path, quality_tiny):
     assert record["metrics"]["latency_s"] == 0.5 and "psnr" in record["metrics"]
     # recomputing gives the same CSV (deterministic, bootstrap seeded)
     first = csv_path.read_text()
-    assert sc.score(tmp_path, ("fidelity", "clip_score", "nsfw")).read_text() == first
+    assert sc.score(tmp_path, ("fidelity", "clip_score", "nsfw"))[0].read_text() == first
 
 
 def test_random_weight_cells_get_no_quality_columns(tmp_path, quality_tiny):
     write_run(tmp_path, weights="none")
-    rows = read_csv(sc.score(tmp_path, ("fidelity", "clip_score")))
+    rows = read_csv(sc.score(tmp_path, ("fidelity", "clip_score"))[0])
     assert all("psnr" not in r and "clip_score" not in r for r in rows)
 
 
 def test_cli_wiring_and_errors(tmp_path, quality_tiny):
+    from harness.cli import main
     from harness.errors import DiffbenchError
 
     write_run(tmp_path)
-    parser = argparse.ArgumentParser()
-    sub = parser.add_subparsers(dest="command")
-    sc.add_parser(sub)
-    args = parser.parse_args(["score", str(tmp_path), "--metrics", "fidelity"])
-    assert sc.run(args) == 0
+    assert main(["score", str(tmp_path), "--metrics", "fidelity"]) == 0
     assert "psnr" in read_csv(tmp_path / "leaderboard.csv")[0]
     with pytest.raises(DiffbenchError):
         sc.score(tmp_path, ("no-such-metric",))
     with pytest.raises(DiffbenchError, match="not a diffbench run"):
         sc.score(tmp_path / "empty", ("fidelity",))
+
+
+def test_damaged_images_are_a_failed_line_not_a_traceback(tmp_path, quality_tiny):
+    store = write_run(tmp_path)
+    key = make_cell("deepcache", '{"interval":3}').key
+    store.images_path(key).write_bytes(b"\x93NUMPY garbage")
+    path, failed, tried = sc.score(tmp_path, ("fidelity",))
+    assert tried == 2 and len(failed) == 1 and failed[0].startswith(f"{key} tiny-sd deepcache")
+    assert "unreadable" in failed[0] and path.exists()
