@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -43,15 +43,6 @@ class DeviceClock:
             return end - start
         end.synchronize()
         return start.elapsed_time(end) / 1000.0
-
-
-def timed_call(fn: Callable[[], Any], device: str) -> tuple[Any, float]:
-    """`(fn(), seconds)`, with the device synchronised before starting and before stopping."""
-    synchronize(device)
-    start = time.perf_counter()
-    result = fn()
-    synchronize(device)
-    return result, time.perf_counter() - start
 
 
 def median_ci(values: Sequence[float], alpha: float = ALPHA) -> tuple[float | None, float | None]:
