@@ -10,6 +10,10 @@ their trained weights without the training, which cannot run under fake tensors.
 
     python benchmarks/arch_flops.py --suite gpu-sd15     # the methods of a suite file
     python benchmarks/arch_flops.py --suite gpu-dit --csv leaderboards/flops-dit-xl-2.csv
+    python benchmarks/arch_flops.py --suite gpu-flux --dtype bfloat16   # FLUX.1-dev, 12B
+
+The 12B FLUX.1-dev transformer and T5-XXL are never allocated either: at 1024 px the command
+stays under 0.5 GB of memory and counts about 1 s per denoising step (28-step cell: ~27 s).
 """
 
 from __future__ import annotations

@@ -1,14 +1,19 @@
 #!/usr/bin/env bash
 # The GPU check of issue 12: one prepared script for a bare H100/H200 machine without network,
-# 8 minutes at most (every step runs under `timeout`, inside one overall deadline):
+# 9 minutes 20 at most (every step runs under `timeout`, inside one overall deadline):
 #   1. a venv with the Python packages installed from wheels/ beside this script (no index)
 #   2. diffbench run --suite gpu-sd15 eager, then with --compile denoiser (both arms compiled)
 #   3. diffbench run --suite gpu-dit eager
+#   3b. diffbench run --suite gpu-flux eager: FLUX.1-dev (12B, random weights) in bf16 at
+#      1024 px, 28 steps, one image per cell. Its build (~34 GB of random weights on the host,
+#      then on the GPU) and one cell need about 2 minutes: the pass runs only when at least
+#      FLUX_MIN_S are left, else a second run of the script (earlier passes then resume with
+#      nothing to do) gives it its box; each run adds cells to runs/gpu-flux
 #   4. a summary read from the leaderboard.csv files: baseline ms per image, each method's
 #      speedup with its 95 % interval, MFU (exit 1 when a row is an error)
 # A pass its time box cuts short keeps its finished rows (the leaderboard is rewritten after
 # every cell); running the script again resumes each pass where it stopped (finished cells are
-# skipped), so a second run completes what 8 minutes did not (the compiled pass: torch.compile
+# skipped), so a second run completes what one did not (the compiled pass: torch.compile
 # of each method's UNet takes tens of seconds per cell).
 #
 # Filling wheels/ (once, on a machine with network, x86_64 Linux and the GPU machine's Python
@@ -34,7 +39,8 @@
 # --summary (only print the summary of the leaderboards under --out).
 # Environment: PYTHON (python3; --dry-run: activate the project's venv first), GPU_CHECK_VENV
 # (runs/gpu-venv), GPU_CHECK_WHEELS (benchmarks/wheels), time boxes in seconds:
-# TOTAL_S (470), INSTALL_S (100), SD15_S (190), SD15_COMPILED_S (110), DIT_S (70).
+# TOTAL_S (560), INSTALL_S (100), SD15_S (190), SD15_COMPILED_S (110), DIT_S (70), FLUX_S (180),
+# FLUX_MIN_S (120: the gpu-flux pass is skipped when less is left).
 set -uo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -58,7 +64,7 @@ done
 
 mkdir -p "$OUT" && OUT="$(cd "$OUT" && pwd)" || exit 2
 START=$SECONDS
-TOTAL_S=${TOTAL_S:-470}
+TOTAL_S=${TOTAL_S:-560}
 PY=${PYTHON:-python3}
 log() { printf '\n[gpu_check %3ds] %s\n' "$((SECONDS - START))" "$*"; }
 # the box of the next step: its own limit, or what is left of the overall deadline
@@ -68,30 +74,40 @@ if [[ $SUMMARY_ONLY == 1 ]]; then
     INSTALL=0
 elif [[ $DRY == 1 ]]; then
     # CPU (one thread), float32, tiny models of the same pipeline classes, 64 px, 2 steps, one
-    # image; short paired timing. tiny-dit has 4 blocks, so gpu-dit's delta_dit num_blocks=8 and block_drop
-    # drop_max=8 (of DiT-XL/2's 28) become 2; the compiled pass runs baseline and deepcache
+    # image; short paired timing. tiny-dit (32 px only, as DiT's size is fixed by its weights)
+    # has 4 blocks, so gpu-dit's delta_dit num_blocks=8 and block_drop drop_max=8 (of DiT-XL/2's
+    # 28) become 2; the compiled pass runs baseline and deepcache
     # only (CPU inductor: ~15 s per compiled graph). The real architectures' FLOPs and a tiny
     # generation of every cell are checked by tests/test_gpu_suites.py.
     OUT="$OUT/gpu-check-dry-run"
     rm -rf "$OUT"
     SD15_S=${SD15_S:-300}; SD15_COMPILED_S=${SD15_COMPILED_S:-240}; DIT_S=${DIT_S:-120}
-    TOTAL_S=${TOTAL_DRY_S:-900}
+    FLUX_S=${FLUX_S:-120}; FLUX_MIN_S=${FLUX_MIN_S:-20}
+    TOTAL_S=${TOTAL_DRY_S:-1000}
     COMMON=(--device cpu --dtype float32 --resolution 64 --steps 2 --n-images 1 --batch-size 1
             --timing calls=1,min_rounds=2,max_rounds=3,budget_s=1,warmup=0,warmup_max=2
             --threads 1)  # one thread: two OpenMP threads on a busy 2-core box stall 10-100x
     SD15_ARGS=(--model tiny-sd)
     COMPILED_ARGS=(--method baseline --method deepcache:interval=3)
-    DIT_ARGS=(--model tiny-dit --n-images 2 --batch-size 2 --method baseline
+    DIT_ARGS=(--model tiny-dit --resolution 32 --n-images 2 --batch-size 2 --method baseline
               --method fora:interval=3 --method delta_dit:interval=2,num_blocks=2
               --method block_drop:drop_max=2,until=0.5)
+    # tiny-flux (FluxPipeline, 2 double + 2 single blocks) for gpu-flux's FLUX.1-dev: its
+    # delta_dit num_blocks=16 and block_drop drop_max=16 (of 57 blocks) become 2
+    FLUX_ARGS=(--model tiny-flux --method baseline --method fora:interval=3
+               --method delta_dit:interval=2,num_blocks=2 --method block_drop:drop_max=2,until=0.5)
 else
     SD15_S=${SD15_S:-190}; SD15_COMPILED_S=${SD15_COMPILED_S:-110}; DIT_S=${DIT_S:-70}
+    FLUX_S=${FLUX_S:-180}; FLUX_MIN_S=${FLUX_MIN_S:-120}
     # the suites' models, steps, resolution and method settings; one image per SD-1.5 cell
     # (random weights: speed only), short paired timing (CUDA events: little noise)
     COMMON=(--timing calls=1,min_rounds=4,max_rounds=16,budget_s=8,warmup=1,warmup_max=4)
     SD15_ARGS=(--n-images 1)
     COMPILED_ARGS=()
     DIT_ARGS=()
+    # one image per cell (a 1024 px FLUX.1-dev image takes seconds), two warm-up calls at most
+    FLUX_ARGS=(--n-images 1
+               --timing calls=1,min_rounds=3,max_rounds=8,budget_s=20,warmup=1,warmup_max=2)
 fi
 
 # --- 1. packages ----------------------------------------------------------------------------
@@ -176,6 +192,14 @@ else
     log "gpu-sd15 compiled: SKIPPED: $why"
 fi
 run_pass "gpu-dit eager" "$DIT_S" "$OUT/gpu-dit" --suite gpu-dit "${COMMON[@]}" "${DIT_ARGS[@]}"
+if (($(box "$FLUX_S") >= FLUX_MIN_S)); then
+    run_pass "gpu-flux eager" "$FLUX_S" "$OUT/gpu-flux" --suite gpu-flux "${COMMON[@]}" \
+        "${FLUX_ARGS[@]}"
+else
+    CUT+=("gpu-flux eager")
+    log "gpu-flux eager: skipped, $(box "$FLUX_S")s left and its build + one cell need" \
+        "${FLUX_MIN_S}s; run the script again"
+fi
 fi
 
 # --- 4. summary -------------------------------------------------------------------------------
@@ -249,6 +273,7 @@ if compiled:
         print(f"  compiled baseline vs eager baseline: "
               f"{num(e, 'latency_s') / num(c, 'latency_s'):.3f}x (unpaired, two passes)")
 show("gpu-dit")
+show("gpu-flux")
 print(f"\nleaderboards under {out}; commit one as leaderboards/gpu-sd15-<device>.csv")
 sys.exit(1 if bad else 0)
 EOF

@@ -6,7 +6,8 @@ run all of them. At step s of T the last k(s) blocks are skipped (a skipped bloc
 input): k = drop_max at step 0, falling to 0 over the first `until` fraction of the steps,
 linearly (k = ceil(drop_max * (1 - s / (until * T)))) or as a step (k = drop_max throughout).
 Transformer denoisers (pipe.transformer): the last k transformer blocks, as the paper does
-for DiT. UNets (pipe.unet), whose skip connections need valid shapes: the deepest
+for DiT (MMDiT blocks of SD3 / FLUX pass both token streams through; methods/_common/blocks.py).
+UNets (pipe.unet), whose skip connections need valid shapes: the deepest
 shape-preserving layers, in this order: the whole mid block first, then level by level from the
 deepest, the down block's layers last-to-first followed by the mirrored up block's layers
 first-to-last, where a layer is an attention (Transformer2DModel) or a resnet whose input and
@@ -27,6 +28,7 @@ from harness.errors import DiffbenchError
 from harness.method import MethodHandle, register_method
 from harness.params import param
 from harness.steps import StepContext
+from methods._common.blocks import denoiser_blocks, passthrough
 from methods._common.unet import (
     Passthrough,
     Unit,
@@ -81,17 +83,17 @@ def unet_units(unet: Any) -> list[Layer]:
     return units
 
 
-def transformer_units(transformer: Any) -> list[Layer]:
-    """Transformer blocks, last first (ASE skips the final blocks of a DiT)."""
-    blocks = list(transformer.transformer_blocks)
-    return [(f"transformer_blocks.{i}", blocks[i], hidden_passthrough)
-            for i in reversed(range(len(blocks)))]
+def transformer_units(pipe: Any) -> list[Layer]:
+    """Transformer blocks, last first (ASE skips the final blocks of a DiT; FLUX: its last
+    single-stream blocks first), each skipped by returning its input streams."""
+    blocks = denoiser_blocks(pipe, "block_drop")
+    return [(b.name, b.module, passthrough(b)) for b in reversed(blocks)]
 
 
 def denoiser_units(pipe: Any) -> tuple[str, list[Layer]]:
     """(what, layers): droppable layers of the pipeline's denoiser, in drop order."""
     what, denoiser = require_denoiser(pipe, "block_drop")
-    return what, transformer_units(denoiser) if what == "transformer" else unet_units(denoiser)
+    return what, transformer_units(pipe) if what == "transformer" else unet_units(denoiser)
 
 
 def apply(pipe: Any, config: BlockDropConfig, ctx: StepContext) -> MethodHandle:

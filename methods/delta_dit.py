@@ -11,7 +11,8 @@ so the early, noisy steps (step index < round(switch * T), i.e. timestep t > b) 
 `num_blocks` blocks are cached and the detail-forming rear blocks stay live. switch = 1 caches
 the rear range on every step, switch = 0 the front range. b is given as a fraction of the steps
 (the paper gives it in steps of a fixed schedule). Deltas are kept per denoiser call within a
-step and dropped when a generation ends.
+step and dropped when a generation ends. MMDiT blocks (SD3, FLUX: double then single blocks)
+carry two token streams: the range's delta is kept for both (methods/_common/blocks.py).
 """
 
 from __future__ import annotations
@@ -26,8 +27,8 @@ from harness.errors import DiffbenchError
 from harness.method import MethodHandle, register_method
 from harness.params import param
 from harness.steps import StepContext
+from methods._common.blocks import Block, denoiser_blocks
 from methods._common.cache import StepCache
-from methods._common.unet import require_transformer
 
 
 @register_method("delta_dit", touches=("transformer.blocks",))
@@ -77,20 +78,28 @@ class _DeltaCache(StepCache):
                 nxt += 1
         self.inputs.clear()
 
-    def wrap(self, index: int, forward: Callable[..., Any]) -> Callable[..., Any]:
-        def delta_forward(hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+    def wrap(self, index: int, block: Block, forward: Callable[..., Any]) -> Callable[..., Any]:
+        def delta_forward(*args: Any, **kwargs: Any) -> Any:
+            hidden, encoder = block.inputs(args, kwargs)
             lo, hi = self.now
             if self.reuse and lo <= index < hi:
                 delta = self.get(self.now)
                 if delta is not None:  # Delta-Cache: range output = current input + Delta
-                    return hidden_states + delta if index == lo else hidden_states
+                    if index != lo:
+                        return block.result(hidden, encoder)
+                    d_hidden, d_encoder = delta
+                    return block.result(hidden + d_hidden, encoder if d_encoder is None
+                                        or encoder is None else encoder + d_encoder)
             for rng in self.ranges:
                 if rng[0] == index:
-                    self.inputs[rng] = hidden_states
-            out = forward(hidden_states, *args, **kwargs)
+                    self.inputs[rng] = (hidden, encoder)
+            out = forward(*args, **kwargs)
             for rng in self.ranges:
                 if rng[1] == index + 1:
-                    self.put(rng, out - self.inputs.pop(rng))
+                    h_in, e_in = self.inputs.pop(rng)
+                    h_out, e_out = block.outputs(out)
+                    self.put(rng, (h_out - h_in,
+                                   None if e_out is None or e_in is None else e_out - e_in))
             return out
 
         return delta_forward
@@ -102,7 +111,7 @@ class _DeltaCache(StepCache):
 
 def apply(pipe: Any, config: DeltaDiTConfig, ctx: StepContext) -> MethodHandle:
     """Wrap every block's forward: record range deltas on key steps, add them on the others."""
-    blocks = require_transformer(pipe, "delta_dit")
+    blocks = denoiser_blocks(pipe, "delta_dit")
     if config.num_blocks > len(blocks):
         raise DiffbenchError(f"delta_dit.num_blocks={config.num_blocks} is out of range for this "
                              f"transformer; allowed [1, {len(blocks)}]")
@@ -113,6 +122,6 @@ def apply(pipe: Any, config: DeltaDiTConfig, ctx: StepContext) -> MethodHandle:
     handle.add_hook(pipe.transformer.register_forward_pre_hook(cache.before_denoiser,
                                                                with_kwargs=True))
     for index, block in enumerate(blocks):
-        handle.swap_attr(block, "forward", cache.wrap(index, block.forward))
+        handle.swap_attr(block.module, "forward", cache.wrap(index, block, block.module.forward))
     handle.on_remove(cache.clear)
     return handle

@@ -5,10 +5,13 @@ each transformer block runs in full and the outputs of its attention and MLP lay
 on the other steps those layers return their cached outputs, while the rest of the block (the
 adaLN modulation and gates of the current step, the residual adds) still runs. Implemented on
 diffusers' BasicTransformerBlock (DiT: adaLN-Zero; PixArt: adaLN-single, where the
-cross-attention `attn2` is cached too) by overriding `attn1` / `attn2` / `ff` forward on the
-instance. `start_step` keeps every step before it a full step (the paper caches from the
-first step). Cached outputs are kept per denoiser call within a step (DiT's CFG batch is one
-call) and dropped when a generation ends, so nothing leaks between pipeline calls.
+cross-attention `attn2` is cached too) and on the MMDiT blocks of SD3 (joint attention, SD3.5's
+second attention, image and text MLPs) and FLUX (double blocks likewise; single blocks: the
+attention and the MLP's input projection), the branches named in methods/_common/blocks.py, by
+overriding their forward on the instance. `start_step` keeps every step before it a full step
+(the paper caches from the first step). Cached outputs are kept per denoiser call within a step
+(DiT's CFG batch is one call) and dropped when a generation ends, so nothing leaks between
+pipeline calls.
 """
 
 from __future__ import annotations
@@ -20,10 +23,8 @@ from harness.errors import DiffbenchError
 from harness.method import MethodHandle, register_method
 from harness.params import param
 from harness.steps import StepContext
+from methods._common.blocks import denoiser_blocks
 from methods._common.cache import StepCache, cached_forward
-from methods._common.unet import require_transformer
-
-CACHED_LAYERS = ("attn1", "attn2", "ff")  # BasicTransformerBlock's residual branches
 
 
 @register_method("fora", touches=("transformer.blocks",))
@@ -44,12 +45,12 @@ def is_key_step(step: int, interval: int, start_step: int = 0) -> bool:
 
 def apply(pipe: Any, config: ForaConfig, ctx: StepContext) -> MethodHandle:
     """Wrap every block's attention / MLP forward with the cache; count denoiser calls."""
-    blocks = require_transformer(pipe, "fora")
-    layers = [(f"{i}.{name}", getattr(block, name)) for i, block in enumerate(blocks)
-              for name in CACHED_LAYERS if getattr(block, name, None) is not None]
+    blocks = denoiser_blocks(pipe, "fora")
+    layers = [(f"{b.name}.{name}", getattr(b.module, name)) for b in blocks
+              for name in b.streams.branches if getattr(b.module, name, None) is not None]
     if not layers:
-        raise DiffbenchError(f"fora needs attention/MLP layers ({', '.join(CACHED_LAYERS)}) in "
-                             f"the transformer blocks; {type(blocks[0]).__name__} has none")
+        raise DiffbenchError(f"fora needs attention/MLP layers in the transformer blocks; "
+                             f"{type(blocks[0].module).__name__} has none")
     handle = MethodHandle(pipe, "fora", config)
     if config.interval == 1:
         return handle  # every step is a key step: the unchanged pipeline

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -95,11 +96,15 @@ def real_scheduler(scheduler: Any) -> Iterator[None]:
     """
     from torch._subclasses.fake_tensor import unset_fake_temporarily
 
-    names = ("set_timesteps", "scale_model_input", "step")
+    # flow-matching schedulers (SD3, FLUX) have no scale_model_input: wrap what there is
+    names = tuple(n for n in ("set_timesteps", "scale_model_input", "step")
+                  if hasattr(scheduler, n))
     saved = {name: scheduler.__dict__[name] for name in names if name in scheduler.__dict__}
     bound = {name: getattr(scheduler, name) for name in names}
     steps_done = [0]
 
+    # wraps: pipelines read set_timesteps' signature (FLUX / SD3: does it take `sigmas`?)
+    @functools.wraps(bound["set_timesteps"])
     def set_timesteps(*args: Any, **kwargs: Any) -> Any:
         steps_done[0] = 0
         with unset_fake_temporarily():
@@ -123,7 +128,8 @@ def real_scheduler(scheduler: Any) -> Iterator[None]:
         return call
 
     scheduler.set_timesteps = set_timesteps
-    scheduler.scale_model_input = with_real_timestep("scale_model_input")
+    if "scale_model_input" in bound:
+        scheduler.scale_model_input = with_real_timestep("scale_model_input")
     scheduler.step = with_real_timestep("step")
     try:
         yield

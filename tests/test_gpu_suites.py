@@ -1,16 +1,20 @@
 """Every cell of every GPU suite passes a CPU dry run (issue 12: the GPU path had never run).
 
 The GPU suites are the suite files whose defaults say device = "cuda" (gpu-sd15, gpu-dit,
-erasure-sd15-nudity, and any added later). Two checks per suite, each over every cell:
+erasure-sd15-nudity, gpu-flux, gpu-sd35, and any added later). Two checks per suite, each over
+every cell:
 
 (a) FLOPs of one image under fake tensors at the suite's real size: the published architecture
-    (SD-1.5, DiT-XL/2), the suite's resolution, guidance and dtype (float16: dtype mismatches
-    fail under fake tensors as they would on the GPU), as `flops = "fake"` counts on a GPU.
+    (SD-1.5, DiT-XL/2, FLUX.1-dev, SD3.5-medium), the suite's resolution, guidance and dtype
+    (float16 / bfloat16: dtype mismatches fail under fake tensors as they would on the GPU), as
+    `flops = "fake"` counts on a GPU.
     The model is built inside the fake mode (benchmarks/arch_flops.py `fake_pipeline`: no
     weights, under a second). The step count is the one concession to the time budget:
     counting costs ~0.3 s of Python dispatch per SD-1.5 step, so every cell at the suites' 50
-    steps takes 100 s (gpu-sd15) + 55 s (gpu-dit); `python benchmarks/arch_flops.py --suite
-    NAME` prints those. Here each cell runs STEPS steps, or 2 past its step-index parameters
+    steps takes 100 s (gpu-sd15) + 55 s (gpu-dit), and ~1 s per step of FLUX.1-dev or SD3.5 at
+    1024 px (one full 28-step FLUX cell: 27 s; every cell at full steps: 90 s gpu-flux, 100 s
+    gpu-sd35); `python benchmarks/arch_flops.py --suite NAME` prints those. Here each cell
+    runs STEPS steps, or 2 past its step-index parameters
     (STEP_INDEX_PARAMS: tgate's gate_step = 20 runs 22 steps, so the gated path runs too). A
     method that sets its own step count (solver: 20) runs that and is compared with the
     baseline at the cell's real step count. Baseline FLOPs are affine in the step count (every
@@ -24,11 +28,12 @@ erasure-sd15-nudity, and any added later). Two checks per suite, each over every
     indices, as in (a)), one image, random weights; training methods' budgets cut to a few steps
     (TINY_BUDGET) and prepared; each cell's method applied, one image generated, removed. The
     model is the published architecture at reduced width (NARROW: the blocks, layer counts,
-    attention layout, VAE depth and scheduler of SD-1.5 / DiT-XL/2, channels 32-64). Not the
+    attention layout, VAE depth and scheduler of SD-1.5 / DiT-XL/2 / FLUX.1-dev / SD3.5-medium,
+    channels 32-64, text towers at their layer counts and width 32-64). Not the
     real size: SD-1.5 takes 13 s to build and its training methods minutes per step on this
-    CPU. Not the registered tiny-sd / tiny-dit: their layouts differ (two UNet levels; four
-    DiT blocks, so gpu-dit's delta_dit num_blocks = 8 and block_drop drop_max = 8 are refused
-    there).
+    CPU. Not the registered tiny-sd / tiny-dit / tiny-flux / tiny-sd3: their layouts differ
+    (two UNet levels; four DiT or FLUX blocks, three SD3 blocks, so gpu-dit's delta_dit
+    num_blocks = 8 and block_drop drop_max = 8, gpu-flux's 16, gpu-sd35's 7 are refused there).
 """
 
 from __future__ import annotations
@@ -177,7 +182,75 @@ def narrow_dit() -> Any:
                        scheduler=DDIMScheduler(**DIT_BETAS, clip_sample=False))
 
 
-NARROW = {"sd15": narrow_sd15, "dit-xl-2": narrow_dit}
+def _narrow_t5(width: int) -> Any:
+    """T5-XXL's 24-layer encoder at `width` (2 heads x 16)."""
+    from transformers import T5Config, T5EncoderModel
+
+    from harness.models.zoo import T5_XXL
+
+    return T5EncoderModel(T5Config(**{**T5_XXL, "d_model": width, "d_kv": 16, "d_ff": 2 * width,
+                                      "num_heads": 2}))
+
+
+def _narrow_clip(config: dict, with_projection: bool = False) -> Any:
+    """A CLIP text tower of the zoo (its layer count, activation) at width 32."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from harness.models.zoo import CLIP_COMMON
+
+    cls = CLIPTextModelWithProjection if with_projection else CLIPTextModel
+    return cls(CLIPTextConfig(**CLIP_COMMON, **{
+        **config, "hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 4,
+        "projection_dim": 32}))
+
+
+NARROW_VAE = {"block_out_channels": (32, 32, 64, 64), "sample_size": 64}  # KL-f8, 16 latents
+
+
+def narrow_flux() -> Any:
+    """FLUX.1-dev's pipeline at reduced width: its 19 double + 38 single blocks of 2 heads x 16
+    (guidance embedding), 12-layer CLIP-L and 24-layer T5 at widths 32, the FLUX VAE (KL-f8,
+    16 latent channels, shift) at channels 32-64, its dynamically shifted flow-matching Euler."""
+    from diffusers import AutoencoderKL, FluxPipeline, FluxTransformer2DModel
+
+    from harness.models import flow_zoo as fz
+    from harness.models.build import local_clip_tokenizer, local_t5_tokenizer
+    from harness.models.zoo import CLIP_L
+
+    transformer = FluxTransformer2DModel(**{
+        **fz.FLUX_DEV_TRANSFORMER, "num_attention_heads": 2, "attention_head_dim": 16,
+        "axes_dims_rope": (4, 6, 6), "joint_attention_dim": 32, "pooled_projection_dim": 32})
+    return FluxPipeline(
+        scheduler=fz.flow_scheduler(fz.FLUX_DEV_SCHEDULE),
+        vae=AutoencoderKL(**{**fz.FLUX_VAE, **NARROW_VAE}), text_encoder=_narrow_clip(CLIP_L),
+        tokenizer=local_clip_tokenizer(77), text_encoder_2=_narrow_t5(32),
+        tokenizer_2=local_t5_tokenizer(fz.FLUX_DEV_T5_TOKENS), transformer=transformer)
+
+
+def narrow_sd35() -> Any:
+    """SD3.5-medium's pipeline at reduced width: its 24 MMDiT-X blocks (dual attention in the
+    first 13, QK RMS-norm) of 2 heads x 16, CLIP-L and bigG towers (12 / 32 layers) at width 32
+    with projections, the 24-layer T5 at width 64, its VAE at channels 32-64, flow Euler."""
+    from diffusers import AutoencoderKL, SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    from harness.models import flow_zoo as fz
+    from harness.models.build import local_clip_tokenizer, local_t5_tokenizer
+    from harness.models.zoo import CLIP_L, OPENCLIP_BIGG
+
+    transformer = SD3Transformer2DModel(**{
+        **fz.SD35_MEDIUM_TRANSFORMER, "num_attention_heads": 2, "attention_head_dim": 16,
+        "caption_projection_dim": 32, "joint_attention_dim": 64, "pooled_projection_dim": 64,
+        "sample_size": 8})
+    return StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=fz.flow_scheduler(fz.SD35_SCHEDULE),
+        vae=AutoencoderKL(**{**fz.SD35_VAE, **NARROW_VAE}),
+        text_encoder=_narrow_clip(CLIP_L, True), tokenizer=local_clip_tokenizer(77),
+        text_encoder_2=_narrow_clip(OPENCLIP_BIGG, True), tokenizer_2=local_clip_tokenizer(77),
+        text_encoder_3=_narrow_t5(64), tokenizer_3=local_t5_tokenizer(fz.SD35_T5_TOKENS))
+
+
+NARROW = {"sd15": narrow_sd15, "dit-xl-2": narrow_dit, "flux-dev": narrow_flux,
+          "sd3.5-medium": narrow_sd35}
 
 
 @cache

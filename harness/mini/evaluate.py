@@ -55,25 +55,28 @@ def eval_prompts(n: int, seed: int, split: str) -> world.Batch:
 
 
 def generate(pipe: Any, captions: list[str], seed: int = 0, steps: int = 25,
-             guidance: float = 5.0, batch_size: int = 64) -> torch.Tensor:
-    """Float [0, 1] N x 3 x 32 x 32 images; image i uses generator seed (seed, i)."""
+             guidance: float = 5.0, batch_size: int = 64, model: str = "mini-sd") -> torch.Tensor:
+    """Float [0, 1] N x 3 x 32 x 32 images; image i uses generator seed (seed, i); the call
+    arguments are the model's (ModelSpec.call_kwargs), as in a diffbench run."""
+    from harness.models import MODELS
+
+    call = MODELS.get(model).call_kwargs
     out = []
     for start in range(0, len(captions), batch_size):
         chunk = captions[start:start + batch_size]
         gens = [torch.Generator().manual_seed(image_seed(seed, start + i))
                 for i in range(len(chunk))]
         with torch.inference_mode():
-            images = pipe(prompt=chunk, num_inference_steps=steps, guidance_scale=guidance,
-                          generator=gens, output_type="pt").images
+            images = pipe(**call(chunk, steps, guidance, world.RESOLUTION, gens)).images
         out.append(images.float().cpu())
     return torch.cat(out)
 
 
 def adherence(pipe: Any, zs: ZeroShot, n: int, split: str, seed: int = 0, steps: int = 25,
-              guidance: float = 5.0) -> dict[str, Any]:
+              guidance: float = 5.0, model: str = "mini-sd") -> dict[str, Any]:
     """Fraction of generated images whose colour and shape (mini-CLIP zero-shot) match."""
     prompts = eval_prompts(n, 777 + seed, split)
-    images = generate(pipe, prompts.captions, seed, steps, guidance)
+    images = generate(pipe, prompts.captions, seed, steps, guidance, model=model)
     pred = zs.predict(images)
     colour = pred["colour"] == prompts.colour
     shape = pred["shape"] == prompts.shape
@@ -97,10 +100,10 @@ def save_grid(images: torch.Tensor, path: str | Path, rows: int = 4, cols: int =
     img.save(path)
 
 
-def load_pipe() -> Any:
+def load_pipe(model: str = "mini-sd") -> Any:
     from harness.models import MODELS, load_pipeline, weights_source
 
-    spec = MODELS.get("mini-sd")
+    spec = MODELS.get(model)
     return load_pipeline(spec, weights_source(spec, "default"), torch.float32, "cpu")
 
 
@@ -110,37 +113,45 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
     p = argparse.ArgumentParser(prog="python -m harness.mini.evaluate",
                                 description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="mini-sd", choices=("mini-sd", "mini-sd3"))
     p.add_argument("--n-clip", type=int, default=2000, help="real images for zero-shot accuracy")
     p.add_argument("--n-vae", type=int, default=1000, help="real images for PSNR")
     p.add_argument("--n-gen", type=int, default=128, help="generated images per split")
-    p.add_argument("--steps", type=int, default=25)
-    p.add_argument("--guidance", type=float, default=5.0)
+    p.add_argument("--steps", type=int, default=None, help="default: the model's")
+    p.add_argument("--guidance", type=float, default=None, help="default: the model's")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--grid", default=None, help="write a 4x8 PNG grid of generated images here")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    from harness.models import MODELS
+
+    spec = MODELS.get(args.model)
+    args.steps = args.steps or spec.steps
+    args.guidance = spec.guidance if args.guidance is None else args.guidance
     t0 = time.monotonic()
     zs = ZeroShot.load()
     for split in ("all", "heldout"):
         acc = clip_accuracy(zs, args.n_clip, split=split)
         print(f"mini-CLIP zero-shot on {args.n_clip} real {split} images: "
               + ", ".join(f"{k} {v:.1%}" for k, v in acc.items()), flush=True)
-    pipe = load_pipe()
+    pipe = load_pipe(args.model)
     print(f"mini-VAE PSNR on {args.n_vae} real images: {vae_psnr(pipe.vae, args.n_vae):.2f} dB",
           flush=True)
     for split in ("train", "heldout"):
         t1 = time.monotonic()
-        res = adherence(pipe, zs, args.n_gen, split, args.seed, args.steps, args.guidance)
+        res = adherence(pipe, zs, args.n_gen, split, args.seed, args.steps, args.guidance,
+                        args.model)
         label = "seen" if split == "train" else "held-out"
-        print(f"adherence on {args.n_gen} {label} prompts ({args.steps} DDIM steps, guidance "
+        print(f"{args.model} adherence on {args.n_gen} {label} prompts ({args.steps} steps, "
+              f"guidance "
               f"{args.guidance}): colour+shape {res['adherence']:.1%} (colour {res['colour']:.1%}"
               f", shape {res['shape']:.1%}, size {res['size']:.1%}, background "
               f"{res['background']:.1%}) in {time.monotonic() - t1:.1f} s", flush=True)
     if args.grid:
         prompts = grid_prompts()
-        images = generate(pipe, prompts, args.seed, args.steps, args.guidance)
+        images = generate(pipe, prompts, args.seed, args.steps, args.guidance, model=args.model)
         save_grid(images, args.grid)
         print(f"grid written to {args.grid}; captions row by row:")
         for r in range(4):

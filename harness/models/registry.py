@@ -65,7 +65,8 @@ def text_to_image_kwargs(prompts: list[str], steps: int, guidance: float, resolu
 
 
 def _load_all_models() -> None:
-    for module in ("harness.models.tiny", "harness.models.zoo", "harness.mini.pipeline"):
+    for module in ("harness.models.tiny", "harness.models.zoo", "harness.models.flow_zoo",
+                   "harness.mini.pipeline", "harness.mini.mmdit"):
         importlib.import_module(module)
 
 

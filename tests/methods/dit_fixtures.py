@@ -1,4 +1,4 @@
-"""Shared fixtures for the transformer-denoiser methods: tiny DiT and PixArt pipelines.
+"""Shared fixtures for the transformer-denoiser methods: tiny DiT, PixArt and MMDiT pipelines.
 
 Import the fixtures into a test module (`from tests.methods.dit_fixtures import dit_pipe, ...`)
 and point the contract's `tiny_pipe` / `tiny_spec` at them inside the test class.
@@ -44,6 +44,51 @@ def pixart_pipe(pixart_spec):
     from harness.models import load_pipeline
 
     return load_pipeline(pixart_spec, "none", torch.float32, "cpu")
+
+
+@pytest.fixture(scope="session")
+def sd3_spec():
+    from harness.models import MODELS
+
+    return MODELS.get("mini-sd3")
+
+
+@pytest.fixture(scope="session")
+def sd3_pipe(sd3_spec):
+    """mini-sd3's architecture (SD3 MMDiT, 6 joint blocks) with random weights."""
+    from harness.models import load_pipeline
+
+    return load_pipeline(sd3_spec, "none", torch.float32, "cpu")
+
+
+@pytest.fixture(scope="session")
+def flux_spec():
+    from harness.models import MODELS
+
+    return MODELS.get("tiny-flux")
+
+
+@pytest.fixture(scope="session")
+def flux_pipe(flux_spec):
+    """FLUX's architecture at toy size: double- and single-stream blocks, guidance embedding."""
+    from harness.models import load_pipeline
+
+    return load_pipeline(flux_spec, "none", torch.float32, "cpu")
+
+
+@pytest.fixture(scope="session")
+def tiny_sd3_spec():
+    from harness.models import MODELS
+
+    return MODELS.get("tiny-sd3")
+
+
+@pytest.fixture(scope="session")
+def tiny_sd3_pipe(tiny_sd3_spec):
+    """SD3.5's architecture at toy size: joint blocks (one dual-attention), CLIP x2 + T5."""
+    from harness.models import load_pipeline
+
+    return load_pipeline(tiny_sd3_spec, "none", torch.float32, "cpu")
 
 
 def pipe_kwargs(spec: Any, steps: int = 8, prompts: tuple[str, ...] = ("a red circle",)) -> dict:

@@ -11,11 +11,17 @@ from tests.methods.dit_fixtures import (  # noqa: F401 (fixtures)
     dit_pipe,
     dit_spec,
     flops_of,
+    flux_pipe,
+    flux_spec,
     generate_latents,
     module_flops,
     pixart_pipe,
     pixart_spec,
     plain_call,
+    sd3_pipe,
+    sd3_spec,
+    tiny_sd3_pipe,
+    tiny_sd3_spec,
 )
 
 DEPTH = 4  # blocks of the tiny DiT / PixArt
@@ -139,3 +145,39 @@ def test_unet_pipeline_is_refused_in_one_line(tiny_pipe):
 def test_switch_out_of_range_is_refused():
     with pytest.raises(DiffbenchError, match=r"delta_dit.switch=1.5 is out of range"):
         METHODS.get("delta_dit").config({"switch": "1.5"})
+
+
+class TestDeltaDiTOnMiniSD3(TestDeltaDiT):
+    """The same contract on an MMDiT (mini-sd3's SD3 joint blocks, random weights)."""
+
+    @pytest.fixture()
+    def tiny_pipe(self, sd3_pipe):  # noqa: F811
+        return sd3_pipe
+
+    @pytest.fixture()
+    def tiny_spec(self, sd3_spec):  # noqa: F811
+        return sd3_spec
+
+
+class TestDeltaDiTOnTinyFlux(TestDeltaDiT):
+    """The same contract on FLUX's double- and single-stream blocks (tiny-flux)."""
+
+    @pytest.fixture()
+    def tiny_pipe(self, flux_pipe):  # noqa: F811
+        return flux_pipe
+
+    @pytest.fixture()
+    def tiny_spec(self, flux_spec):  # noqa: F811
+        return flux_spec
+
+
+class TestDeltaDiTOnTinySD3(TestDeltaDiT):
+    """The same contract on SD3.5's joint blocks with a dual-attention layer (tiny-sd3)."""
+
+    @pytest.fixture()
+    def tiny_pipe(self, tiny_sd3_pipe):  # noqa: F811
+        return tiny_sd3_pipe
+
+    @pytest.fixture()
+    def tiny_spec(self, tiny_sd3_spec):  # noqa: F811
+        return tiny_sd3_spec

@@ -17,7 +17,7 @@ def log(message: str) -> None:
 
 def stage_seed(seed: int, stage: str, step: int) -> int:
     """A distinct deterministic seed per (run seed, stage, step)."""
-    offset = {"clip": 0, "vae": 1, "unet": 2, "assemble": 3, "clip-tune": 4}[stage]
+    offset = {"clip": 0, "vae": 1, "unet": 2, "assemble": 3, "clip-tune": 4, "mmdit": 5}[stage]
     return (seed * 1_000_003 + offset * 100_000_007 + step) % (2**62)
 
 
