@@ -18,77 +18,53 @@ from harness.run.generate import call_kwargs
 from harness.steps import StepContext
 
 
-@pytest.fixture(scope="session")
-def dit_spec():
-    from harness.models import MODELS
+def model_fixtures(prefix: str, model: str) -> tuple[Any, Any]:
+    """Session fixtures `<prefix>_spec` and `<prefix>_pipe`: a registered model's spec and its
+    pipeline with random weights."""
 
-    return MODELS.get("tiny-dit")
+    def spec() -> Any:
+        from harness.models import MODELS
 
+        return MODELS.get(model)
 
-@pytest.fixture(scope="session")
-def dit_pipe(dit_spec):
-    from harness.models import load_pipeline
+    def pipe() -> Any:
+        from harness.models import MODELS, load_pipeline
 
-    return load_pipeline(dit_spec, "none", torch.float32, "cpu")
+        return load_pipeline(MODELS.get(model), "none", torch.float32, "cpu")
 
-
-@pytest.fixture(scope="session")
-def pixart_spec():
-    from harness.models import MODELS
-
-    return MODELS.get("tiny-pixart")
+    return (pytest.fixture(scope="session", name=f"{prefix}_spec")(spec),
+            pytest.fixture(scope="session", name=f"{prefix}_pipe")(pipe))
 
 
-@pytest.fixture(scope="session")
-def pixart_pipe(pixart_spec):
-    from harness.models import load_pipeline
-
-    return load_pipeline(pixart_spec, "none", torch.float32, "cpu")
-
-
-@pytest.fixture(scope="session")
-def sd3_spec():
-    from harness.models import MODELS
-
-    return MODELS.get("mini-sd3")
+dit_spec, dit_pipe = model_fixtures("dit", "tiny-dit")  # adaLN-Zero blocks, class labels
+pixart_spec, pixart_pipe = model_fixtures("pixart", "tiny-pixart")  # adaLN-single, cross-attn
+sd3_spec, sd3_pipe = model_fixtures("sd3", "mini-sd3")  # mini-sd3's MMDiT (6 joint blocks)
+flux_spec, flux_pipe = model_fixtures("flux", "tiny-flux")  # FLUX double + single blocks
+tiny_sd3_spec, tiny_sd3_pipe = model_fixtures("tiny_sd3", "tiny-sd3")  # SD3.5: dual attention
 
 
-@pytest.fixture(scope="session")
-def sd3_pipe(sd3_spec):
-    """mini-sd3's architecture (SD3 MMDiT, 6 joint blocks) with random weights."""
-    from harness.models import load_pipeline
-
-    return load_pipeline(sd3_spec, "none", torch.float32, "cpu")
-
-
-@pytest.fixture(scope="session")
-def flux_spec():
-    from harness.models import MODELS
-
-    return MODELS.get("tiny-flux")
+ON_MODEL = {  # fixture prefix -> what the contract runs on
+    "sd3": "an MMDiT (mini-sd3's SD3 joint blocks, random weights)",
+    "flux": "FLUX's double- and single-stream blocks (tiny-flux)",
+    "tiny_sd3": "SD3.5's joint blocks with a dual-attention layer (tiny-sd3)",
+}
 
 
-@pytest.fixture(scope="session")
-def flux_pipe(flux_spec):
-    """FLUX's architecture at toy size: double- and single-stream blocks, guidance embedding."""
-    from harness.models import load_pipeline
+def on_model(base: type, prefix: str) -> type:
+    """`base`'s contract tests on another pipeline: its `<prefix>_pipe` / `<prefix>_spec`
+    fixtures (import them into the test module) as the contract's `tiny_pipe` / `tiny_spec`."""
 
-    return load_pipeline(flux_spec, "none", torch.float32, "cpu")
+    class OnModel(base):  # type: ignore[misc, valid-type]
+        @pytest.fixture()
+        def tiny_pipe(self, request: Any) -> Any:
+            return request.getfixturevalue(f"{prefix}_pipe")
 
+        @pytest.fixture()
+        def tiny_spec(self, request: Any) -> Any:
+            return request.getfixturevalue(f"{prefix}_spec")
 
-@pytest.fixture(scope="session")
-def tiny_sd3_spec():
-    from harness.models import MODELS
-
-    return MODELS.get("tiny-sd3")
-
-
-@pytest.fixture(scope="session")
-def tiny_sd3_pipe(tiny_sd3_spec):
-    """SD3.5's architecture at toy size: joint blocks (one dual-attention), CLIP x2 + T5."""
-    from harness.models import load_pipeline
-
-    return load_pipeline(tiny_sd3_spec, "none", torch.float32, "cpu")
+    OnModel.__doc__ = f"The same contract on {ON_MODEL[prefix]}."
+    return OnModel
 
 
 def pipe_kwargs(spec: Any, steps: int = 8, prompts: tuple[str, ...] = ("a red circle",)) -> dict:

@@ -15,6 +15,7 @@ from tests.methods.dit_fixtures import (  # noqa: F401 (fixtures)
     flux_spec,
     generate_latents,
     module_flops,
+    on_model,
     pixart_pipe,
     pixart_spec,
     plain_call,
@@ -171,37 +172,8 @@ def test_bad_schedule_names_choices():
         METHODS.get("block_drop").config({"schedule": "cosine"})
 
 
-class TestBlockDropOnMiniSD3(TestBlockDropOnDiT):
-    """The same contract on an MMDiT (mini-sd3's SD3 joint blocks, random weights)."""
+TestBlockDropOnMiniSD3 = on_model(TestBlockDropOnDiT, "sd3")
 
-    @pytest.fixture()
-    def tiny_pipe(self, sd3_pipe):  # noqa: F811
-        return sd3_pipe
+TestBlockDropOnTinyFlux = on_model(TestBlockDropOnDiT, "flux")
 
-    @pytest.fixture()
-    def tiny_spec(self, sd3_spec):  # noqa: F811
-        return sd3_spec
-
-
-class TestBlockDropOnTinyFlux(TestBlockDropOnDiT):
-    """The same contract on FLUX's double- and single-stream blocks (tiny-flux)."""
-
-    @pytest.fixture()
-    def tiny_pipe(self, flux_pipe):  # noqa: F811
-        return flux_pipe
-
-    @pytest.fixture()
-    def tiny_spec(self, flux_spec):  # noqa: F811
-        return flux_spec
-
-
-class TestBlockDropOnTinySD3(TestBlockDropOnDiT):
-    """The same contract on SD3.5's joint blocks with a dual-attention layer (tiny-sd3)."""
-
-    @pytest.fixture()
-    def tiny_pipe(self, tiny_sd3_pipe):  # noqa: F811
-        return tiny_sd3_pipe
-
-    @pytest.fixture()
-    def tiny_spec(self, tiny_sd3_spec):  # noqa: F811
-        return tiny_sd3_spec
+TestBlockDropOnTinySD3 = on_model(TestBlockDropOnDiT, "tiny_sd3")

@@ -15,6 +15,7 @@ from tests.methods.dit_fixtures import (  # noqa: F401 (fixtures)
     flux_spec,
     generate_latents,
     module_flops,
+    on_model,
     pixart_pipe,
     pixart_spec,
     plain_call,
@@ -147,37 +148,8 @@ def test_switch_out_of_range_is_refused():
         METHODS.get("delta_dit").config({"switch": "1.5"})
 
 
-class TestDeltaDiTOnMiniSD3(TestDeltaDiT):
-    """The same contract on an MMDiT (mini-sd3's SD3 joint blocks, random weights)."""
+TestDeltaDiTOnMiniSD3 = on_model(TestDeltaDiT, "sd3")
 
-    @pytest.fixture()
-    def tiny_pipe(self, sd3_pipe):  # noqa: F811
-        return sd3_pipe
+TestDeltaDiTOnTinyFlux = on_model(TestDeltaDiT, "flux")
 
-    @pytest.fixture()
-    def tiny_spec(self, sd3_spec):  # noqa: F811
-        return sd3_spec
-
-
-class TestDeltaDiTOnTinyFlux(TestDeltaDiT):
-    """The same contract on FLUX's double- and single-stream blocks (tiny-flux)."""
-
-    @pytest.fixture()
-    def tiny_pipe(self, flux_pipe):  # noqa: F811
-        return flux_pipe
-
-    @pytest.fixture()
-    def tiny_spec(self, flux_spec):  # noqa: F811
-        return flux_spec
-
-
-class TestDeltaDiTOnTinySD3(TestDeltaDiT):
-    """The same contract on SD3.5's joint blocks with a dual-attention layer (tiny-sd3)."""
-
-    @pytest.fixture()
-    def tiny_pipe(self, tiny_sd3_pipe):  # noqa: F811
-        return tiny_sd3_pipe
-
-    @pytest.fixture()
-    def tiny_spec(self, tiny_sd3_spec):  # noqa: F811
-        return tiny_sd3_spec
+TestDeltaDiTOnTinySD3 = on_model(TestDeltaDiT, "tiny_sd3")

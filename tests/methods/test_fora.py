@@ -15,6 +15,7 @@ from tests.methods.dit_fixtures import (  # noqa: F401 (fixtures)
     flux_spec,
     generate_latents,
     module_flops,
+    on_model,
     pixart_pipe,
     pixart_spec,
     plain_call,
@@ -151,37 +152,8 @@ def test_interval_zero_is_refused_with_range():
         METHODS.get("fora").config({"interval": 0})
 
 
-class TestForaOnMiniSD3(TestFora):
-    """The same contract on an MMDiT (mini-sd3's SD3 joint blocks, random weights)."""
+TestForaOnMiniSD3 = on_model(TestFora, "sd3")
 
-    @pytest.fixture()
-    def tiny_pipe(self, sd3_pipe):  # noqa: F811
-        return sd3_pipe
+TestForaOnTinyFlux = on_model(TestFora, "flux")
 
-    @pytest.fixture()
-    def tiny_spec(self, sd3_spec):  # noqa: F811
-        return sd3_spec
-
-
-class TestForaOnTinyFlux(TestFora):
-    """The same contract on FLUX's double- and single-stream blocks (tiny-flux)."""
-
-    @pytest.fixture()
-    def tiny_pipe(self, flux_pipe):  # noqa: F811
-        return flux_pipe
-
-    @pytest.fixture()
-    def tiny_spec(self, flux_spec):  # noqa: F811
-        return flux_spec
-
-
-class TestForaOnTinySD3(TestFora):
-    """The same contract on SD3.5's joint blocks with a dual-attention layer (tiny-sd3)."""
-
-    @pytest.fixture()
-    def tiny_pipe(self, tiny_sd3_pipe):  # noqa: F811
-        return tiny_sd3_pipe
-
-    @pytest.fixture()
-    def tiny_spec(self, tiny_sd3_spec):  # noqa: F811
-        return tiny_sd3_spec
+TestForaOnTinySD3 = on_model(TestFora, "tiny_sd3")

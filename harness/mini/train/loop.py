@@ -152,3 +152,28 @@ def write_info(path: Path, state: dict, **extra: Any) -> None:
     info = {k: state[k] for k in ("stage", "step", "seconds", "seed") if k in state}
     info.update(extra)
     (path / "train_info.json").write_text(json.dumps(info, indent=1) + "\n")
+
+
+def optimizer_step(opt: Any, model: Any, loss: Any) -> float:
+    """One optimiser step on `loss` with the gradient norm clipped at 1; the loss as a float."""
+    import torch
+
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    return float(loss.detach())
+
+
+def ema_updater(model: Any, ema: Any, max_decay: float) -> Any:
+    """`train_loop`'s after_step: `ema` <- EMA of `model`, decay min(max, (1 + s) / (10 + s))."""
+    import torch
+
+    params, ema_params = list(model.parameters()), list(ema.parameters())
+
+    def update(step: int) -> None:
+        decay = min(max_decay, (1 + step) / (10 + step))
+        with torch.no_grad():
+            torch._foreach_lerp_(ema_params, [p.detach() for p in params], 1 - decay)
+
+    return update

@@ -17,7 +17,15 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from harness.mini.train.loop import fmt_time, log, stage_seed, train_loop, write_info
+from harness.mini.train.loop import (
+    ema_updater,
+    fmt_time,
+    log,
+    optimizer_step,
+    stage_seed,
+    train_loop,
+    write_info,
+)
 from harness.mini.train.unet import latent_pool
 
 
@@ -59,7 +67,6 @@ def stage_mmdit(args: argparse.Namespace, work: Path) -> None:
         f"steps of {args.mmdit_batch}, latent shift {shift} scaling {scaling}, "
         f"pool {len(pool['caption'])}")
     opt = torch.optim.AdamW(transformer.parameters(), lr=args.mmdit_lr, weight_decay=0.0)
-    params, ema_params = list(transformer.parameters()), list(ema.parameters())
 
     def step_fn(step: int) -> float:
         gen = torch.Generator().manual_seed(stage_seed(args.seed, "mmdit", step))
@@ -75,19 +82,11 @@ def stage_mmdit(args: argparse.Namespace, work: Path) -> None:
         pred = transformer(hidden_states=xt, encoder_hidden_states=embeds[cap],
                            pooled_projections=pooled[cap], timestep=s * 1000).sample
         loss = (pred - (noise - x0)).pow(2).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(transformer.parameters(), 1.0)
-        opt.step()
-        return float(loss.detach())
-
-    def ema_update(step: int) -> None:
-        decay = min(args.ema, (1 + step) / (10 + step))
-        with torch.no_grad():
-            torch._foreach_lerp_(ema_params, [p.detach() for p in params], 1 - decay)
+        return optimizer_step(opt, transformer, loss)
 
     state = train_loop("mmdit", args, work, args.mmdit_steps, {"mmdit": transformer, "ema": ema},
-                       opt, step_fn, args.mmdit_lr, after_step=ema_update)
+                       opt, step_fn, args.mmdit_lr,
+                       after_step=ema_updater(transformer, ema, args.ema))
     ema.save_pretrained(str(final), safe_serialization=True)
     write_info(final, state, parameters=n_params, batch=args.mmdit_batch, ema=args.ema,
                cfg_drop=args.cfg_drop, pool=args.pool, lr=args.mmdit_lr)

@@ -7,7 +7,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from harness.mini.train.loop import fmt_time, log, stage_seed, train_loop, write_info
+from harness.mini.train.loop import (
+    ema_updater,
+    fmt_time,
+    log,
+    optimizer_step,
+    stage_seed,
+    train_loop,
+    write_info,
+)
 
 
 def frozen_parts(work: Path) -> tuple[Any, Any, Any]:
@@ -87,7 +95,6 @@ def stage_unet(args: argparse.Namespace, work: Path) -> None:
     sched = mini_sd.ddim_scheduler()  # same betas as DDPM training (scaled_linear, 1000 steps)
     alphas = sched.alphas_cumprod.float()
     opt = torch.optim.AdamW(unet.parameters(), lr=args.unet_lr, weight_decay=0.0)
-    params, ema_params = list(unet.parameters()), list(ema.parameters())
 
     def step_fn(step: int) -> float:
         gen = torch.Generator().manual_seed(stage_seed(args.seed, "unet", step))
@@ -103,19 +110,10 @@ def stage_unet(args: argparse.Namespace, work: Path) -> None:
         cap[torch.rand(n, generator=gen) < args.cfg_drop] = empty
         pred = unet(zt, t, encoder_hidden_states=table[cap]).sample
         loss = (pred - noise).pow(2).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        opt.step()
-        return float(loss.detach())
-
-    def ema_update(step: int) -> None:
-        decay = min(args.ema, (1 + step) / (10 + step))
-        with torch.no_grad():
-            torch._foreach_lerp_(ema_params, [p.detach() for p in params], 1 - decay)
+        return optimizer_step(opt, unet, loss)
 
     state = train_loop("unet", args, work, args.unet_steps, {"unet": unet, "ema": ema}, opt,
-                       step_fn, args.unet_lr, after_step=ema_update)
+                       step_fn, args.unet_lr, after_step=ema_updater(unet, ema, args.ema))
     ema.save_pretrained(str(final), safe_serialization=True)
     write_info(final, state, parameters=n_params, batch=args.unet_batch, ema=args.ema,
                cfg_drop=args.cfg_drop, pool=args.pool)
