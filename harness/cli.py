@@ -196,6 +196,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_leaderboard(args: argparse.Namespace) -> int:
+    from harness.run.job import failure_line
     from harness.run.leaderboard import write_leaderboard
     from harness.run.store import CellStore
 
@@ -208,14 +209,9 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
     records = store.records()
     path = write_leaderboard(records, target)
     print(f"leaderboard: {path}")
-    failed = [failure_line(r) for r in records if r["status"] != "ok"]
+    failed = [failure_line(r["key"], r["cell"]["model"], r["cell"]["method"], r["cell"]["params"],
+                           r.get("error", "")) for r in records if r["status"] != "ok"]
     return _failed(failed, len(records))
-
-
-def failure_line(record: dict[str, Any]) -> str:
-    cell = record["cell"]
-    return (f"{record['key']} {cell.get('model')} {cell.get('method')} {cell.get('params')}: "
-            f"{record.get('error', '')}")
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
@@ -243,12 +239,13 @@ def cmd_score(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     from harness.reporting import report
+    from harness.run.job import failure_line
 
     path = report.report(args.run_dir, args.out, args.quality, args.columns)
     print(f"report: {path}")
     rows = report.load_rows(args.run_dir)
-    failed = [f"{r['config_hash']} {r['model']} {r['method']} {r['params']}: {r.get('error', '')}"
-              for r in rows if r.get("status") != "ok"]
+    failed = [failure_line(r["config_hash"], r["model"], r["method"], r["params"],
+                           r.get("error", "")) for r in rows if r.get("status") != "ok"]
     return _failed(failed, len(rows))
 
 

@@ -50,14 +50,19 @@ def pending_cells(config: RunConfig, store: CellStore) -> list[Cell]:
     return todo
 
 
+def failure_line(key: str, model: str, method: str, params: str, error: str) -> str:
+    """How a failed cell is named on stderr: key, model, method, params, error."""
+    return f"{key} {model} {method} {params}: {error}"
+
+
 def failures(config: RunConfig, store: CellStore) -> list[str]:
-    """One line per cell of the grid that has no ok result: model, method, params, error."""
+    """One line per cell of the grid that has no ok result."""
     lines = []
     for cell in config.cells:
         record = store.read(cell.key)
         if record is None or record["status"] != "ok":
             error = record.get("error", "") if record else "no result"
-            lines.append(f"{cell.key} {cell.model} {cell.method} {cell.params}: {error}")
+            lines.append(failure_line(cell.key, cell.model, cell.method, cell.params, error))
     return lines
 
 
