@@ -51,6 +51,11 @@ class PrepareData:
     # has none offline (ModelSpec.dataset; a fixed function of the model, so not in the key)
     dataset: Callable[[int, int], tuple[torch.Tensor, list[str]]] | None = field(
         default=None, compare=False)
+    # the model's own pipeline-call arguments at its default resolution, (prompts, steps,
+    # guidance, generators) -> kwargs (harness.run.generate.model_call); calibrating a
+    # transformer runs the real pipeline with them. None: unknown (UNet-only preparation)
+    call_kwargs: Callable[[list[str], int, float, list[torch.Generator]], dict] | None = field(
+        default=None, compare=False)
 
 
 def cache_dir() -> Path:

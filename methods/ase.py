@@ -28,16 +28,26 @@ offline (mini-sd: its world, VAE-encoded; the paper trains on real images), othe
 data-free x_0 latents the unchanged model generates from the training prompts with a few DDIM
 steps; 10 % of samples are conditioned on "" so that the unconditional branch of
 classifier-free guidance is trained at reduced depth too.
+Transformer denoisers (DiT, PixArt, SD3 / SD3.5 MMDiT, FLUX; the paper's DiT setting): the
+units are the last blocks, last first (FLUX: its last single-stream blocks), skipped by passing
+their token streams through (methods/_common/blocks.py), the schedule read from the call's
+timestep as on the UNet (FLUX pipelines pass t / 1000: scaled back, `CALL_TIMESTEP_UNIT`).
+Fine-tuning distils the full-depth model (`target = "teacher"` is required: the epsilon loss
+needs inputs a transformer pipeline builds itself): the unchanged pipeline runs its own call on
+the first `data_size` prompts (cycled) for `data_steps` steps (methods/_common/calls.py), and
+each step regresses the recorded full-depth output on `batch_size` rows of one recorded call at
+that call's exit depth; the time / timestep embedders stay frozen.
 Paper recipe (released code): DiT-XL/2 on ImageNet 256 (the paper also fine-tunes U-ViT),
 full-weight fine-tuning from the pretrained model, real training images, AdamW lr 1e-5, global
 batch 64, EMA 0.9999. Ours by default: 300 steps, lr 3e-5, batch 16 on 256 latents, no EMA.
-Deviations: UNet pairs instead of DiT / U-ViT transformer blocks (transformer pipelines are
-refused: `block_drop` drops their blocks without training); no EMA at this small budget.
+Deviations: on a UNet resnet+attention pairs instead of transformer blocks; on a transformer
+distillation on the model's own trajectories instead of real images; no EMA at this budget.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -51,8 +61,14 @@ from harness.steps import StepContext
 from methods._common import pool as pools
 from methods._common import training as finetune
 from methods._common import unet as U
+from methods._common.blocks import denoiser_blocks, passthrough
+from methods._common.calls import Call, record_calls, replay_loss
 
 TABLE = "ase.drop_table"  # artifact key: units skipped at each training timestep
+# timestep units of a transformer's calls, by class: FLUX pipelines pass t / 1000
+CALL_TIMESTEP_UNIT = {"FluxTransformer2DModel": 1000.0}
+# time / timestep embedders, frozen in fine-tuning (UNet; SD3 and FLUX; PixArt; DiT's blocks)
+FROZEN = ("time_embedding.", "time_text_embed.", "adaln_single.", "timestep_embedder.")
 
 
 @register_method("ase", touches=("unet.weights", "unet.block_outputs"))
@@ -92,13 +108,26 @@ def drops_at(table: torch.Tensor, timestep: Any) -> torch.Tensor:
     return table[t.round().long().clamp(0, table.numel() - 1)]
 
 
-def check_units(unet: Any, config: ASEConfig) -> list[U.Unit]:
-    """The first drop_max units in depth order; drop_max beyond them is a one-line error."""
-    units = U.depth_order(unet)
-    if config.drop_max > len(units):
-        raise DiffbenchError(f"ase.drop_max={config.drop_max} is out of range for this UNet; "
-                             f"allowed [0, {len(units)}]")
-    return units[:config.drop_max]
+def check_units(pipe: Any, config: ASEConfig) -> tuple[str, Any, list[U.Unit]]:
+    """(kind, denoiser, the first drop_max units in drop order): the UNet's in depth order, a
+    transformer's last blocks last first; drop_max beyond them is a one-line error."""
+    what, denoiser = U.require_denoiser(pipe, "ase")
+    if what == "UNet":
+        units, high = U.depth_order(denoiser), None
+    else:
+        units = [U.Unit(b.name, ((b.module, passthrough(b)),))
+                 for b in reversed(denoiser_blocks(pipe, "ase"))]
+        high = len(units) - 1  # at least one block runs
+    high = len(units) if high is None else high
+    if config.drop_max > high:
+        raise DiffbenchError(f"ase.drop_max={config.drop_max} is out of range for this {what}; "
+                             f"allowed [0, {high}]")
+    return what, denoiser, units[:config.drop_max]
+
+
+def call_unit(denoiser: Any) -> float:
+    """What a call's timestep is multiplied by to be a training timestep (FLUX: 1000)."""
+    return CALL_TIMESTEP_UNIT.get(type(denoiser).__name__, 1.0)
 
 
 class ExitDepth:
@@ -110,18 +139,22 @@ class ExitDepth:
     def dropped(self, rank: int) -> bool:
         return rank < self.k
 
-    def from_timestep(self, table: torch.Tensor) -> Any:
-        """UNet forward pre-hook: set k from the call's timestep (one depth per call)."""
+    def from_timestep(self, table: torch.Tensor, unit: float = 1.0) -> Any:
+        """Denoiser forward pre-hook: set k from the call's timestep (one depth per call)."""
 
         def hook(module: Any, args: tuple, kwargs: dict) -> None:
-            timestep = args[1] if len(args) > 1 else kwargs["timestep"]
-            ks = drops_at(table, timestep).unique()
-            if ks.numel() != 1:
-                raise DiffbenchError("ase: one UNet call mixes timesteps with different exit "
-                                     "depths; call the UNet once per noise level")
-            self.k = int(ks.item())
+            timestep = kwargs["timestep"] if "timestep" in kwargs else args[1]
+            self.set(table, timestep, unit)
 
         return hook
+
+    def set(self, table: torch.Tensor, timestep: Any, unit: float = 1.0) -> None:
+        """k of a call at `timestep` (in the denoiser's units: x `unit` gives table units)."""
+        ks = drops_at(table, torch.as_tensor(timestep).double() * unit).unique()
+        if ks.numel() != 1:
+            raise DiffbenchError("ase: one denoiser call mixes timesteps with different exit "
+                                 "depths; call the denoiser once per noise level")
+        self.k = int(ks.item())
 
 
 def make_student(unet: Any, drop_max: int) -> tuple[torch.nn.Module, ExitDepth]:
@@ -134,7 +167,7 @@ def make_student(unet: Any, drop_max: int) -> tuple[torch.nn.Module, ExitDepth]:
 
 def trainable(name: str) -> bool:
     """Fine-tuned parameters: all but the time embedding (frozen in the released code)."""
-    return not name.startswith("time_embedding.")
+    return not any(name.startswith(p) or f".{p}" in name for p in FROZEN)
 
 
 def exit_loss(student: Any, depth: ExitDepth, table: torch.Tensor, batch: pools.Batch,
@@ -161,18 +194,24 @@ def loss_target(pipe: Any, batch: pools.Batch, config: ASEConfig) -> torch.Tenso
 
 
 def training_prompts(config: ASEConfig, data: PrepareData) -> tuple[str, ...]:
-    """The cell's prompts for teacher-generated data; none when training on real images."""
-    return pools.pool_prompts(config.data, data, data.prompts) if config.steps else ()
+    """The cell's prompts for teacher-generated data or distillation on the pipeline's calls
+    (a transformer's); none when a UNet trains on real images."""
+    if not config.steps:
+        return ()
+    return tuple(data.prompts) if config.target == "teacher" else pools.pool_prompts(
+        config.data, data, data.prompts)
 
 
 def prepare(pipe: Any, config: ASEConfig, data: PrepareData) -> dict[str, torch.Tensor]:
-    """Fine-tune a copy of the UNet for the exit schedule; the changed weights + the schedule."""
-    unet = U.require_unet(pipe, "ase")
-    check_units(unet, config)
+    """Fine-tune a copy of the denoiser for the exit schedule; the changed weights + schedule."""
+    what, denoiser, _ = check_units(pipe, config)
     table = drop_table(pipe.scheduler.config.num_train_timesteps, config.drop_max,
                        config.schedule, config.until)
     if config.steps == 0:
         return {TABLE: table}
+    if what == "transformer":
+        return {TABLE: table, **fine_tune_transformer(pipe, denoiser, config, data, table)}
+    unet = denoiser
     gen = torch.Generator().manual_seed(data.seed)
     pool = pools.training_pool(pipe, config.data, data, data.prompts, config.data_size,
                             config.data_steps, gen, "ase")
@@ -193,27 +232,66 @@ def prepare(pipe: Any, config: ASEConfig, data: PrepareData) -> dict[str, torch.
     return {TABLE: table, **finetune.changed_parameters(student, unet, trainable)}
 
 
+def fine_tune_transformer(pipe: Any, transformer: Any, config: ASEConfig, data: PrepareData,
+                          table: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Distil the full-depth transformer into its exit-depth copy on the pipeline's own calls."""
+    name = type(transformer).__name__
+    if config.target != "teacher":
+        raise DiffbenchError(f"ase.target='{config.target}' trains on the UNet's epsilon loss; "
+                             f"on {name} use target='teacher' (distillation on its pipeline's "
+                             "own calls)")
+    if config.data == "real":
+        raise DiffbenchError(f"ase.data='real' is for UNets; on {name} ase distils on the "
+                             "model's own trajectories (data='auto' or 'teacher')")
+    texts = [data.prompts[i % len(data.prompts)] for i in range(config.data_size)]
+    calls, _ = record_calls(pipe, transformer, data, texts, config.data_steps, pools.GUIDANCE,
+                            "ase")
+    student = U.to_dtype(finetune.trainable_copy(transformer, trainable), torch.float32)
+    depth = ExitDepth()
+    blocks = denoiser_blocks(SimpleNamespace(transformer=student), "ase")
+    U.skip_units(setattr, [U.Unit(b.name, ((b.module, passthrough(b)),))
+                           for b in reversed(blocks)][:config.drop_max], depth.dropped)
+    unit, gen = call_unit(transformer), torch.Generator().manual_seed(data.seed)
+
+    def at_depth(call: Call) -> None:
+        depth.set(table, call.kwargs["timestep"], unit)
+
+    opt = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=config.lr)
+    every, running = max(1, config.steps // 10), 0.0
+    for step in range(config.steps):
+        loss = replay_loss(student, calls, config.batch_size, gen, at_depth)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        running += loss.item()
+        if (step + 1) % every == 0:
+            data.log(f"[ase] step {step + 1}/{config.steps} loss {running / every:.4e}")
+            running = 0.0
+    U.to_dtype(student, transformer.dtype)
+    return finetune.changed_parameters(student, transformer, trainable)
+
+
 def apply(pipe: Any, config: ASEConfig, ctx: StepContext,
           artifact: dict[str, torch.Tensor]) -> MethodHandle:
-    """Swap in the fine-tuned weights and skip the deepest k(t) units at each UNet call."""
-    unet = U.require_unet(pipe, "ase")
-    units = check_units(unet, config)
+    """Swap in the fine-tuned weights and skip the deepest k(t) units at each denoiser call."""
+    what, denoiser, units = check_units(pipe, config)
     table = artifact[TABLE]
     if table.numel() != pipe.scheduler.config.num_train_timesteps:
         raise DiffbenchError("ase: prepared schedule does not match this scheduler's "
                              "num_train_timesteps (prepared for another model?)")
     handle = MethodHandle(pipe, "ase", config)
     try:
-        finetune.swap_in_parameters(handle, unet,
+        finetune.swap_in_parameters(handle, denoiser,
                                     {k: v for k, v in artifact.items() if k != TABLE})
     except DiffbenchError:
         handle.remove()
         raise
-    handle.report.update(n_params_active=U.active_parameters(unet, []),
+    handle.report.update(n_params_active=U.active_parameters(denoiser, []),
                          blocks_removed=config.drop_max)
     if config.drop_max == 0:
         return handle
     depth = ExitDepth()
-    handle.add_hook(unet.register_forward_pre_hook(depth.from_timestep(table), with_kwargs=True))
+    handle.add_hook(denoiser.register_forward_pre_hook(
+        depth.from_timestep(table, call_unit(denoiser)), with_kwargs=True))
     U.skip_units(handle.swap_attr, units, depth.dropped)
     return handle

@@ -6,7 +6,8 @@ size (weights per channel and inputs per layer; gradient scale 1 / sqrt(N * Qp),
 channel or input features per sample), optionally of the weights too, by distilling the FP
 UNet's noise prediction: x_t = q(x_t | x_0) at one random t per batch from the FP model's own
 calibration samples x_0, conditional and unconditional text, MSE to the FP output, SGD with
-momentum 0.9 as in LSQ. LSQ's relative step update grows with the bit width (the gradient
+momentum 0.9 as in LSQ (on a transformer: the recorded FP outputs of its calibration calls,
+_common/calls.py). LSQ's relative step update grows with the bit width (the gradient
 scale offsets only sqrt(Qp) of the 1/Qp step): at 16 bits use a far smaller lr (1e-5).
 
 Paper recipe (LSQ): fine-tuning of an FP ImageNet network for 90 epochs (SGD, momentum 0.9,
@@ -45,10 +46,11 @@ training_prompts = QT.calibration_prompts  # the first `calib_prompts` of the ce
 
 def prepare(pipe: Any, config: LSQConfig, data: PrepareData) -> dict[str, torch.Tensor]:
     """LSQ: min-max initialisation, then all step sizes trained by distillation."""
-    unet = Q.require_quant_unet(pipe, "lsq")
-    calib = QT.calibrate(pipe, unet, config, data)
-    student = QT.QuantStudent(unet, config, Q.weight_steps(Q.quant_layers(unet), config.w_bits))
-    device = next(student.unet.parameters()).device
+    denoiser = Q.require_quant_denoiser(pipe, "lsq")
+    calib = QT.calibrate(pipe, denoiser, config, data)
+    student = QT.QuantStudent(denoiser, config,
+                              Q.weight_steps(Q.quant_layers(denoiser), config.w_bits))
+    device = next(student.denoiser.parameters()).device
     a_step = torch.nn.Parameter(QT.static_act_steps(calib, config.a_bits).to(device))
     g = QT.act_grad_scales(calib, config.a_bits).to(device)
 
@@ -59,10 +61,10 @@ def prepare(pipe: Any, config: LSQConfig, data: PrepareData) -> dict[str, torch.
     optimizer = QT.lsq_optimizer([a_step, *student.parameters()], config.lr)
     QT.distill(pipe, student, calib, config, data, [optimizer],
                lambda t: Q.grad_scale(a_step, g), clamp)
-    return {"a_step": a_step.detach().clone(), **student.artifact(unet)}
+    return {"a_step": a_step.detach().clone(), **student.artifact(denoiser)}
 
 
 def apply(pipe: Any, config: LSQConfig, ctx: StepContext,
           artifact: dict[str, torch.Tensor]) -> MethodHandle:
-    """Fake-quantise every Conv2d/Linear of the UNet with the learned static step sizes."""
+    """Fake-quantise every Conv2d/Linear of the denoiser with the learned static step sizes."""
     return Q.apply_static(pipe, config, artifact)

@@ -4,28 +4,30 @@ Temporal Dynamic Quantization: each quantised layer's activation step size is a 
 the timestep, precomputed into a table per sampler step.
 
 Quantised layers and grids are those of the static baselines (_common/quant.py): every Conv2d and
-Linear of the UNet, weights per output channel symmetric, inputs per tensor symmetric (zero
-point 0, grid {-Qp..Qp}, Qp = 2^(b-1) - 1). What TDQ changes is the input step size: for layer l
-it is s_l(t) = softplus(MLP_l(I(t))) (paper Sec. 4.2, Fig. 4), I(t) the geometric Fourier
-encoding [sin(t w_i), cos(t w_i)], w_i = 10000^(-i / 32), i < 32 (64 values); MLP_l is, as in
-the authors' released code, 4 linear layers of width 64 with ReLU, one per quantised layer
-(batched here as stacked weight tensors). The last layer's bias starts at softplus^-1 of the
-layer's static min-max step and its weight at 0, so the untrained module is the static quantiser.
+Linear of the denoiser (UNet or transformer), weights per output channel symmetric, inputs per
+tensor symmetric (zero point 0, grid {-Qp..Qp}, Qp = 2^(b-1) - 1). What TDQ changes is the input
+step size: for layer l it is s_l(t) = softplus(MLP_l(I(t))) (paper Sec. 4.2, Fig. 4), I(t) the
+geometric Fourier encoding [sin(t w_i), cos(t w_i)], w_i = 10000^(-i / 32), i < 32 (64 values);
+MLP_l is, as in the authors' released code, 4 linear layers of width 64 with ReLU, one per
+quantised layer (batched here as stacked weight tensors). The last layer's bias starts at
+softplus^-1 of the layer's static min-max step and its weight at 0, so the untrained module is the
+static quantiser.
 - mode "ptq": calibration as `ptq_minmax` (FP sampler, `calib_prompts` x `calib_steps`), keeping
-  the range r_l(t) of every step instead of its maximum; the MLPs are fitted (Adam, `fit_steps`)
-  to the per-timestep steps r_l(t) / Qp in log space (relative error), weights min-max.
-- mode "qat": the "ptq" fit as initialisation, then distillation exactly as in `lsq` (same
-  loss, data, SGD with momentum) of the MLPs, whose output s_l(t) takes LSQ's gradient scale
-  1 / sqrt(N * Qp) in place of a static step, and of the per-channel weight steps (and the
-  weights with `train_weights`). The released code trains the MLPs without that scale (and
-  with its LDM's Adam); with it, at our small default lr, the MLPs move little from the fit.
+  the range r_l(t) of every step instead of its maximum; the MLPs are fitted (Adam, `fit_steps`) to
+  the per-timestep steps r_l(t) / Qp in log space (relative error), weights min-max.
+- mode "qat": the "ptq" fit as initialisation, then distillation exactly as in `lsq` (same loss,
+  data, SGD with momentum) of the MLPs, whose output s_l(t) takes LSQ's gradient scale 1 / sqrt(N *
+  Qp) in place of a static step, and of the per-channel weight steps (and the weights with
+  `train_weights`). The released code trains the MLPs without that scale (and with its LDM's Adam);
+  with it, at our small default lr, the MLPs move little from the fit.
 At apply time the MLPs are evaluated once for the timesteps the sampler will use (read from the
-pipeline's scheduler at the first UNet call of a generation; `begin_index` honoured) into a
-(steps x layers) table, cached by timesteps; every UNet call takes the row of the runner's step
-counter (StepContext.step), so inference pays no MLP cost. A UNet call outside a counted
-generation evaluates the MLPs at that call's own timestep. Timesteps are clamped to the range
-of the calibration timesteps (`tdq.t_range`), in training and at inference: beyond it the
-nearest calibrated timestep's steps are used, never an extrapolation of the MLP.
+pipeline's scheduler at the first denoiser call of a generation; `begin_index` honoured) into a
+(steps x layers) table, cached by timesteps; every denoiser call takes the row of the runner's step
+counter (StepContext.step), so inference pays no MLP cost. On flow-matching pipelines the timesteps
+are the scheduler's sigma x 1000, calibrated and looked up alike. A call outside a counted
+generation evaluates the MLPs at that call's own timestep. Timesteps are clamped to the range of
+the calibration timesteps (`tdq.t_range`), in training and at inference: beyond it the nearest
+calibrated timestep's steps are used, never an extrapolation of the MLP.
 
 Paper recipe (Sec. 5): TDQ added to LSQ QAT on DDIM CIFAR-10 and LDM LSUN, trained on the
 models' training data with their own training loss for the full QAT schedule, and to PTQ4DM /
@@ -59,7 +61,7 @@ from methods._common.quant import (
     grad_scale,
     install,
     quant_layers,
-    require_quant_unet,
+    require_quant_denoiser,
     step_from_range,
     weight_steps,
 )
@@ -184,29 +186,29 @@ training_prompts = calibration_prompts  # the calibration prompts, as for the st
 
 def prepare(pipe: Any, config: TDQConfig, data: PrepareData) -> dict[str, torch.Tensor]:
     """Calibrate, fit the MLPs to the per-timestep ranges, and in "qat" mode distil."""
-    unet = require_quant_unet(pipe, "tdq")
-    calib = calibrate(pipe, unet, config, data)
+    denoiser = require_quant_denoiser(pipe, "tdq")
+    calib = calibrate(pipe, denoiser, config, data)
     generator = torch.Generator().manual_seed(data.seed)
     mlp = TDQModules(static_act_steps(calib, config.a_bits), generator)
-    mlp.to(next(unet.parameters()).device)
+    mlp.to(next(denoiser.parameters()).device)
     fit_to_ranges(mlp, calib, config.a_bits, config.fit_steps, config.fit_lr, data.log)
-    w_steps = weight_steps(quant_layers(unet), config.w_bits)
+    w_steps = weight_steps(quant_layers(denoiser), config.w_bits)
     if config.mode == "ptq":
         return {**mlp.artifact(), **w_steps}
-    student = QuantStudent(unet, config, w_steps)
+    student = QuantStudent(denoiser, config, w_steps)
     g = act_grad_scales(calib, config.a_bits).to(mlp.weights[0].device)
     optimizer = lsq_optimizer([*mlp.parameters(), *student.parameters()], config.lr)
     distill(pipe, student, calib, config, data, [optimizer], lambda t: qat_steps(mlp, t, g))
-    return {**mlp.artifact(), **student.artifact(unet)}
+    return {**mlp.artifact(), **student.artifact(denoiser)}
 
 
-def qat_steps(mlp: TDQModules, t: int, g: torch.Tensor) -> torch.Tensor:
+def qat_steps(mlp: TDQModules, t: float, g: torch.Tensor) -> torch.Tensor:
     """Input steps (L,) at timestep t for QAT: the MLPs' output with LSQ's gradient scale g."""
     return grad_scale(mlp.steps_at(torch.tensor([t]))[:, 0], g)
 
 
 class StepTable:
-    """The MLPs' step sizes precomputed per sampler step; a UNet pre-hook picks the row."""
+    """The MLPs' step sizes precomputed per sampler step; a denoiser pre-hook picks the row."""
 
     def __init__(self, pipe: Any, mlp: TDQModules, ctx: StepContext, acts: ActSteps):
         self.pipe, self.mlp, self.ctx, self.acts = pipe, mlp, ctx, acts
@@ -224,7 +226,7 @@ class StepTable:
         self.last = (timesteps, self.tables[key])
         return self.tables[key]
 
-    def before_unet(self, module: Any, args: tuple, kwargs: dict) -> None:
+    def before_denoiser(self, module: Any, args: tuple, kwargs: dict) -> None:
         """Set this call's steps: table row of the step counter, else the call's own timestep."""
         scheduler = self.pipe.scheduler
         timesteps = getattr(scheduler, "timesteps", None)
@@ -233,7 +235,7 @@ class StepTable:
         if driven:
             self.acts.current = self.table(timesteps)[row]
             return
-        t = args[1] if len(args) > 1 else kwargs["timestep"]
+        t = kwargs["timestep"] if "timestep" in kwargs else args[1]
         t = torch.as_tensor(t).reshape(-1)[:1]
         self.acts.current = self.table(t)[0]
 
@@ -244,15 +246,15 @@ class StepTable:
 
 def apply(pipe: Any, config: TDQConfig, ctx: StepContext,
           artifact: dict[str, torch.Tensor]) -> MethodHandle:
-    """Fake-quantise the UNet's Conv2d/Linear layers with per-step input steps from the table."""
-    unet = require_quant_unet(pipe, "tdq")
-    layers = quant_layers(unet)
-    mlp = TDQModules.from_artifact(artifact).to(next(unet.parameters()).device)
+    """Fake-quantise the denoiser's Conv2d/Linear layers with per-step input steps (table)."""
+    denoiser = require_quant_denoiser(pipe, "tdq")
+    layers = quant_layers(denoiser)
+    mlp = TDQModules.from_artifact(artifact).to(next(denoiser.parameters()).device)
     check_layer_count("tdq", len(layers), artifact["tdq.w0"].shape[0])
     handle = MethodHandle(pipe, "tdq", config)
     acts = ActSteps()
     table = StepTable(pipe, mlp, ctx, acts)
-    handle.add_hook(unet.register_forward_pre_hook(table.before_unet, with_kwargs=True))
+    handle.add_hook(denoiser.register_forward_pre_hook(table.before_denoiser, with_kwargs=True))
     install(handle, layers, acts, config, artifact)
     handle.on_remove(table.clear)
     return handle

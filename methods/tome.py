@@ -11,6 +11,15 @@ uses the block's input tokens, the merge plan is computed once per block call an
 the merged components, and r is capped at the number of source tokens. The random destination
 choice comes from a CPU torch.Generator reseeded from (seed, step) at every UNet call, so it
 depends on neither the batch nor earlier pipeline calls.
+
+Transformer denoisers (DiT, PixArt: BasicTransformerBlocks with adaLN; SD3 / SD3.5 MMDiT joint
+blocks): the same plan from each block's input image tokens on the patch grid (latent size /
+patch size), merged before and unmerged after the block's image-token components: self-
+attention (`merge_attn`: DiT / PixArt attn1; MMDiT's joint attention, whose text tokens are
+never merged, and SD3.5's second image self-attention), PixArt's cross-attention queries
+(`merge_crossattn`) and the image MLP (`merge_mlp`). FLUX is refused: its attention applies
+rotary position embeddings shared by the whole batch, which a per-image merge plan would need
+per image (as would any other block class outside `TRANSFORMER_PARTS`).
 """
 
 from __future__ import annotations
@@ -25,7 +34,18 @@ from harness.errors import DiffbenchError
 from harness.method import MethodHandle, register_method
 from harness.params import param
 from harness.steps import StepContext
-from methods._common.unet import require_unet
+from methods._common.blocks import denoiser_blocks
+from methods._common.unet import require_denoiser, require_unet
+
+# the components of a transformer block whose image tokens each switch merges
+TRANSFORMER_PARTS = {
+    "BasicTransformerBlock": {"merge_attn": ("attn1",), "merge_crossattn": ("attn2",),
+                              "merge_mlp": ("ff",)},
+    "JointTransformerBlock": {"merge_attn": ("attn", "attn2"), "merge_crossattn": (),
+                              "merge_mlp": ("ff",)},
+}
+REFUSED = {"FluxTransformerBlock": "rotary position embeddings shared by the batch",
+           "FluxSingleTransformerBlock": "rotary position embeddings shared by the batch"}
 
 
 @register_method("tome", touches=("attention.tokens",))
@@ -127,17 +147,30 @@ def grid_downsample(tokens: int, height: int, width: int, limit: int = 64) -> in
 
 
 class _Merger:
-    """Per-UNet-call state: latent size and a generator reseeded from (seed, step)."""
+    """Per-denoiser-call state: token grid size and a generator reseeded from (seed, step);
+    on a transformer also the plan of the block call in progress."""
 
-    def __init__(self, config: ToMeConfig, ctx: StepContext):
-        self.config, self.ctx = config, ctx
+    def __init__(self, config: ToMeConfig, ctx: StepContext, patch: int = 1):
+        self.config, self.ctx, self.patch = config, ctx, patch
         self.size: tuple[int, int] | None = None
         self.generator = torch.Generator("cpu")
+        self.current: TokenMerge | None = None
 
     def before_unet(self, module: Any, args: tuple, kwargs: dict) -> None:
-        sample = args[0] if args else kwargs["sample"]
-        self.size = (int(sample.shape[-2]), int(sample.shape[-1]))
+        sample = args[0] if args else kwargs.get("sample", kwargs.get("hidden_states"))
+        self.size = (int(sample.shape[-2]) // self.patch, int(sample.shape[-1]) // self.patch)
         self.generator.manual_seed((self.config.seed << 20) + max(self.ctx.step, 0))
+
+    def before_block(self, block: Any) -> Any:
+        """Transformer block pre-hook: the plan from the block's input image tokens."""
+
+        def hook(module: Any, args: tuple, kwargs: dict) -> None:
+            self.current = self.plan(block.inputs(args, kwargs)[0])
+
+        return hook
+
+    def after_block(self, module: Any, args: tuple, out: Any) -> None:
+        self.current = None
 
     def plan(self, x: torch.Tensor) -> TokenMerge | None:
         """A merge plan for block input x (B, N, C), or None when this block is not merged."""
@@ -205,6 +238,53 @@ def tome_forward(block: Any, original: Any, merger: _Merger, config: ToMeConfig)
     return forward
 
 
+def merged_component(original: Any, merger: _Merger) -> Any:
+    """A component's forward on the block plan's merged image tokens, its output unmerged (a
+    joint attention's text output, the tuple's second entry, passes unchanged)."""
+
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        plan = merger.current
+        if plan is None:
+            return original(*args, **kwargs)
+        if "hidden_states" in kwargs:
+            kwargs["hidden_states"] = plan.merge(kwargs["hidden_states"])
+        else:
+            args = (plan.merge(args[0]), *args[1:])
+        out = original(*args, **kwargs)
+        if isinstance(out, tuple):
+            return (plan.unmerge(out[0]), *out[1:])
+        return plan.unmerge(out)
+
+    return forward
+
+
+def apply_transformer(pipe: Any, config: ToMeConfig, ctx: StepContext) -> MethodHandle:
+    """Merge each block's image tokens around its components (TRANSFORMER_PARTS)."""
+    blocks = denoiser_blocks(pipe, "tome")
+    transformer = pipe.transformer
+    for b in blocks:
+        kind = type(b.module).__name__
+        if kind not in TRANSFORMER_PARTS:
+            why = REFUSED.get(kind, "no merge rule for this block")
+            raise DiffbenchError(f"tome does not merge tokens in {type(transformer).__name__}'s "
+                                 f"{kind} ({why}); it merges DiT, PixArt and SD3 blocks")
+    handle = MethodHandle(pipe, "tome", config)
+    if config.ratio == 0.0:
+        return handle
+    merger = _Merger(config, ctx, int(transformer.config.patch_size))
+    handle.add_hook(transformer.register_forward_pre_hook(merger.before_unet, with_kwargs=True))
+    for b in blocks:
+        handle.add_hook(b.module.register_forward_pre_hook(merger.before_block(b),
+                                                           with_kwargs=True))
+        handle.add_hook(b.module.register_forward_hook(merger.after_block))
+        for switch, names in TRANSFORMER_PARTS[type(b.module).__name__].items():
+            for name in names if getattr(config, switch) else ():
+                part = getattr(b.module, name, None)
+                if part is not None:
+                    handle.swap_attr(part, "forward", merged_component(part.forward, merger))
+    return handle
+
+
 def transformer_blocks(unet: Any) -> list[tuple[str, Any]]:
     """The UNet's diffusers BasicTransformerBlocks, by qualified name."""
     from diffusers.models.attention import BasicTransformerBlock
@@ -214,12 +294,14 @@ def transformer_blocks(unet: Any) -> list[tuple[str, Any]]:
 
 def apply(pipe: Any, config: ToMeConfig, ctx: StepContext) -> MethodHandle:
     """Wrap every transformer block's forward with merge/unmerge; ratio 0 wraps nothing."""
+    if not (config.merge_attn or config.merge_crossattn or config.merge_mlp):
+        raise DiffbenchError("tome: set at least one of merge_attn, merge_crossattn, merge_mlp")
+    if require_denoiser(pipe, "tome")[0] == "transformer":
+        return apply_transformer(pipe, config, ctx)
     unet = require_unet(pipe, "tome", "pipe.unet with transformer blocks", transformer_blocks)
     blocks = transformer_blocks(unet)
     for name, block in blocks:
         check_block(name, block)
-    if not (config.merge_attn or config.merge_crossattn or config.merge_mlp):
-        raise DiffbenchError("tome: set at least one of merge_attn, merge_crossattn, merge_mlp")
     handle = MethodHandle(pipe, "tome", config)
     if config.ratio == 0.0:
         return handle

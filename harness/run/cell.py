@@ -17,7 +17,7 @@ from harness.metric import METRICS, MetricContext, Observation
 from harness.models import MODELS, ModelSpec, load_pipeline, resolve_dtype
 from harness.prompts import load_prompts
 from harness.run.config import Cell, RunConfig
-from harness.run.generate import call_kwargs, generate
+from harness.run.generate import call_kwargs, generate, model_call
 from harness.run.store import CellStore, images_digest
 from harness.seeds import image_seed
 from harness.stack import resolve_method
@@ -199,7 +199,8 @@ def phase_prepare(cell: Cell, mspec: Any, pipe: Any,
 
     texts = tuple(load_prompts(cell.prompts).texts)
     data = PrepareData(model=f"{cell.model}@{cell.weights}", prompts=texts, seed=cell.seed,
-                       device=cell.device, dataset=MODELS.get(cell.model).dataset)
+                       device=cell.device, dataset=MODELS.get(cell.model).dataset,
+                       call_kwargs=model_call(MODELS.get(cell.model)))
     cache = ArtifactCache()
     artifacts = prepare_artifacts(mspec, pipe, method_config, data, cache)
     seconds = train_seconds(mspec, method_config, data, cache)

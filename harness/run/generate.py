@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import functools
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -32,6 +33,16 @@ def call_kwargs(spec: ModelSpec, prompts: Sequence[str], seeds: Sequence[int], s
     kwargs = spec.call_kwargs(list(prompts), steps, guidance, resolution, generators)
     kwargs.update(overrides)
     return kwargs
+
+
+def model_call(spec: ModelSpec) -> Callable[[list[str], int, float, list[torch.Generator]], dict]:
+    """The model's pipeline-call arguments at its default resolution: PrepareData.call_kwargs."""
+    return functools.partial(_default_resolution_call, spec)
+
+
+def _default_resolution_call(spec: ModelSpec, prompts: list[str], steps: int, guidance: float,
+                             generators: list[torch.Generator]) -> dict:
+    return spec.call_kwargs(list(prompts), steps, guidance, spec.resolution, generators)
 
 
 def generate(pipe: Any, ctx: StepContext, kwargs: dict) -> torch.Tensor:

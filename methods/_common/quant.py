@@ -1,4 +1,4 @@
-"""Fake quantisation (Esser et al., LSQ, arXiv 1902.08153) of a UNet's Conv2d / Linear layers.
+"""Fake quantisation (Esser et al., LSQ, arXiv 1902.08153) of a denoiser's Conv2d / Linear layers.
 
 Shared by ptq_minmax, lsq and tdq (So et al., arXiv 2306.02316). The math is pure: uniform
 symmetric fake quantisation q(v; s) = round(clip(v / s, -Qp, Qp)) * s with a straight-through
@@ -6,24 +6,28 @@ estimator for the rounding (LSQ eq. 1-3), the LSQ gradient scale g = 1 / sqrt(N 
 2.2), min-max / percentile calibration of step sizes and the storage size of quantised weights.
 The integer grid is the narrow symmetric one, {-Qp, ..., Qp} with Qp = 2^(b-1) - 1 (zero point
 0, as TDQ's released symmetric quantiser), so b = 8 gives 255 levels; -2^(b-1) is unused. The
-layers TDQ quantises are every Conv2d and Linear of the UNet; `install` swaps each one's forward
-for one on its fake-quantised input (step `ActSteps.current[layer]`) and precomputed weight.
+layers TDQ quantises are every Conv2d and Linear of the UNet; on a transformer denoiser (SD3,
+FLUX, DiT, PixArt) the same rule takes every Linear of its blocks, embedders, adaLN modulations
+and output projection plus the patch-embedding Conv2d, as PTQ4DiT (Wu et al., arXiv 2405.16005)
+quantises all of DiT's linear layers. `install` swaps each one's forward for one on its
+fake-quantised input (step `ActSteps.current[layer]`) and precomputed weight.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 
 from harness.errors import DiffbenchError
 from harness.method import MethodHandle
-from methods._common.unet import require_unet
+from methods._common.unet import require_denoiser
 
-TOUCHES = ("unet.weights", "unet.activations")  # what every quantisation method changes
+# what every quantisation method changes, on either kind of denoiser
+TOUCHES = ("unet.weights", "unet.activations", "transformer.weights", "transformer.activations")
 STEP_BYTES = 4  # each step size is stored as one fp32 number
 
 
@@ -81,22 +85,58 @@ def quantized_weight_bytes(numel: int, bits: int, n_steps: int) -> int:
 
 
 # --- quantised layers -----------------------------------------------------------------------
-def require_quant_unet(pipe: Any, method: str) -> Any:
-    """The pipeline's UNet, or a one-line error for pipelines without one (DiT, PixArt)."""
-    return require_unet(pipe, method, "pipe.unet with Conv2d/Linear layers", quant_layers)
+def require_quant_denoiser(pipe: Any, method: str) -> torch.nn.Module:
+    """The pipeline's denoiser (a UNet, or a transformer with blocks), or a one-line error."""
+    return require_denoiser(pipe, method)[1]
+
+
+def is_unet(pipe: Any, denoiser: torch.nn.Module) -> bool:
+    """The denoiser is the pipeline's UNet (calibrated by hand-run sampling, not the call)."""
+    return getattr(pipe, "unet", None) is denoiser
 
 
 class ActSteps:
-    """Input step size of every quantised layer for the UNet call in progress, shape (L,)."""
+    """Input step size of every quantised layer for the denoiser call in progress, shape (L,)."""
 
     def __init__(self, current: torch.Tensor | None = None):
         self.current = current
 
 
-def quant_layers(unet: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
-    """Every Conv2d and Linear of the UNet in module order: the layers TDQ quantises."""
-    return [(n, m) for n, m in unet.named_modules()
+def quant_layers(denoiser: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+    """Every Conv2d and Linear of the denoiser in module order: the layers TDQ quantises."""
+    return [(n, m) for n, m in denoiser.named_modules()
             if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+
+
+# --- calibration ---------------------------------------------------------------------------
+class Calibration(NamedTuple):
+    """What a calibration pass over the FP sampler leaves: ranges and distillation data."""
+
+    ranges: torch.Tensor  # (L, T) percentile |x| of each layer's input at each sampler step
+    timesteps: torch.Tensor  # (T,) the sampler's timesteps
+    features: torch.Tensor  # (L,) input values per sample of each layer (LSQ's N)
+    x0: torch.Tensor | None = None  # UNet: (N, C, H, W) the FP model's final latents
+    cond: torch.Tensor | None = None  # UNet: (N, tokens, dim) their prompts' text embeddings
+    uncond: torch.Tensor | None = None  # UNet: (1, tokens, dim) the empty prompt's
+    calls: list | None = None  # transformer: the recorded denoiser calls (calls.Call)
+
+
+class RangeRecorder:
+    """Forward pre-hooks: the largest percentile |x| of each layer's input at each step."""
+
+    def __init__(self, n_layers: int, n_steps: int, percentile: float):
+        self.ranges = torch.zeros(n_layers, n_steps)
+        self.features = torch.zeros(n_layers, dtype=torch.long)
+        self.percentile, self.step = percentile, 0
+
+    def hook(self, index: int) -> Callable:
+        def record(module: torch.nn.Module, args: tuple) -> None:
+            x = args[0]
+            value = abs_percentile(x, self.percentile).cpu()
+            self.ranges[index, self.step] = torch.maximum(self.ranges[index, self.step], value)
+            self.features[index] = x[0].numel()
+
+        return record
 
 
 def _kernel(module: torch.nn.Module, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -146,18 +186,18 @@ def install(handle: MethodHandle, layers: list[tuple[str, torch.nn.Module]], act
 
 
 def check_layer_count(method: str, n_layers: int, n_prepared: int) -> None:
-    """Refuse an artifact made for a UNet with a different number of quantised layers."""
+    """Refuse an artifact made for a denoiser with a different number of quantised layers."""
     if n_layers != n_prepared:
-        raise DiffbenchError(f"{method}: prepared for {n_prepared} quantised layers, this UNet "
+        raise DiffbenchError(f"{method}: prepared for {n_prepared} quantised layers, this denoiser "
                              f"has {n_layers} (prepared for another architecture?)")
 
 
 def apply_static(pipe: Any, config: Any, artifact: dict[str, torch.Tensor]) -> MethodHandle:
-    """Fake-quantise every Conv2d/Linear of the UNet with the prepared static step sizes."""
-    unet = require_quant_unet(pipe, config.method_name)
-    layers = quant_layers(unet)
+    """Fake-quantise every Conv2d/Linear of the denoiser with the prepared static step sizes."""
+    denoiser = require_quant_denoiser(pipe, config.method_name)
+    layers = quant_layers(denoiser)
     check_layer_count(config.method_name, len(layers), artifact["a_step"].numel())
     handle = MethodHandle(pipe, config.method_name, config)
-    acts = ActSteps(artifact["a_step"].to(next(unet.parameters()).device, torch.float32))
+    acts = ActSteps(artifact["a_step"].to(next(denoiser.parameters()).device, torch.float32))
     install(handle, layers, acts, config, artifact)
     return handle

@@ -1,12 +1,15 @@
-"""Preparing quantised UNets (ptq_minmax, lsq, tdq): calibration and LSQ distillation.
+"""Preparing quantised denoisers (ptq_minmax, lsq, tdq): calibration and LSQ distillation.
 
 Calibration (TDQ's static baselines, So et al., arXiv 2306.02316, Sec. 5): the FP pipeline
 samples the calibration prompts with classifier-free guidance while a pre-hook records the
 `percentile` of |x| of every quantised layer's input at every step. LSQ distillation (Esser et
-al., arXiv 1902.08153): a float32 copy of the UNet with trainable LSQ step sizes (gradient
-scale 1 / sqrt(N * Qp)) regresses the FP UNet's prediction at x_t = q(x_t | x_0) of the FP
-model's own calibration samples, SGD with momentum 0.9. The config bases hold the fields the
-three methods share (each registers its own subclass).
+al., arXiv 1902.08153): a float32 copy of the denoiser with trainable LSQ step sizes (gradient
+scale 1 / sqrt(N * Qp)) regresses the FP prediction, SGD with momentum 0.9. On a UNet the
+sampling is run here (DDIM-style loop, the UNet's own signature) and distillation noises the FP
+model's own final samples, x_t = q(x_t | x_0) at a random t; on a transformer both go through
+the model's own pipeline call (methods/_common/calls.py): ranges recorded during it,
+distillation on `batch_size` rows of its recorded denoiser calls. The config bases hold the fields
+the three methods share (each registers its own subclass).
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -22,12 +25,16 @@ import torch.nn.functional as F
 from harness.errors import DiffbenchError
 from harness.params import param
 from harness.prepare import PrepareData
+from harness.steps import StepContext
 from methods._common import sampling
+from methods._common.calls import record_calls, replay_loss
 from methods._common.quant import (
     ActSteps,
-    abs_percentile,
+    Calibration,
+    RangeRecorder,
     fake_quant,
     grad_scale,
+    is_unet,
     lsq_grad_scale,
     quant_layers,
     quantized_forward,
@@ -73,17 +80,6 @@ class LSQTrainingConfig(StaticQuantConfig):
                                 choices=(False, True))
 
 
-class Calibration(NamedTuple):
-    """What a calibration pass over the FP sampler leaves: ranges and training data."""
-
-    ranges: torch.Tensor  # (L, T) percentile |x| of each layer's input at each sampler step
-    timesteps: torch.Tensor  # (T,) the sampler's timesteps
-    features: torch.Tensor  # (L,) input values per sample of each layer (LSQ's N)
-    x0: torch.Tensor  # (N, C, H, W) the FP model's final latents
-    cond: torch.Tensor  # (N, tokens, dim) their prompts' text embeddings
-    uncond: torch.Tensor  # (1, tokens, dim) the empty prompt's
-
-
 # --- calibration ---------------------------------------------------------------------------
 def calibration_texts(prompts: tuple[str, ...], n: int) -> list[str]:
     """The first n prompts of the cell's set, cycled if it has fewer."""
@@ -107,33 +103,38 @@ def sample(pipe: Any, unet: Any, cond: torch.Tensor, uncond: torch.Tensor, steps
     return latents, sched.timesteps.detach().cpu()
 
 
-class RangeRecorder:
-    """Forward pre-hooks: the largest percentile |x| of each layer's input at each step."""
-
-    def __init__(self, n_layers: int, n_steps: int, percentile: float):
-        self.ranges = torch.zeros(n_layers, n_steps)
-        self.features = torch.zeros(n_layers, dtype=torch.long)
-        self.percentile, self.step = percentile, 0
-
-    def hook(self, index: int) -> Callable:
-        def record(module: torch.nn.Module, args: tuple) -> None:
-            x = args[0]
-            value = abs_percentile(x, self.percentile).cpu()
-            self.ranges[index, self.step] = torch.maximum(self.ranges[index, self.step], value)
-            self.features[index] = x[0].numel()
-
-        return record
-
-
 def calibration_prompts(config: StaticQuantConfig, data: PrepareData) -> tuple[str, ...]:
     """The calibration prompts: the first `calib_prompts` of the cell's set (cycled)."""
     return tuple(calibration_texts(data.prompts, config.calib_prompts))
 
 
-def calibrate(pipe: Any, unet: Any, config: StaticQuantConfig, data: PrepareData) -> Calibration:
-    """Sample the calibration prompts with `unet` (FP), recording every layer's input range."""
-    param0 = next(unet.parameters())
+def calibrate_by_call(pipe: Any, denoiser: Any, config: StaticQuantConfig, data: PrepareData,
+                      texts: list[str], method: str) -> Calibration:
+    """Calibration through the model's own pipeline call: input ranges per step recorded while
+    it runs, and its denoiser calls kept for distillation."""
+    layers = quant_layers(denoiser)
+    ctx = StepContext()
+    ranges = RangeRecorder(len(layers), config.calib_steps, config.percentile)
+    hooks = [m.register_forward_pre_hook(ranges.hook(i)) for i, (_, m) in enumerate(layers)]
+    hooks.append(denoiser.register_forward_pre_hook(
+        lambda *_: setattr(ranges, "step", min(ctx.step, config.calib_steps - 1))))
+    try:
+        calls, timesteps = record_calls(pipe, denoiser, data, texts, config.calib_steps,
+                                        config.calib_guidance, method, ctx)
+    finally:
+        for h in hooks:
+            h.remove()
+    return Calibration(ranges.ranges, timesteps, ranges.features, calls=calls)
+
+
+def calibrate(pipe: Any, denoiser: Any, config: StaticQuantConfig,
+              data: PrepareData) -> Calibration:
+    """Sample the calibration prompts with the FP denoiser, recording every layer's input range
+    per step (and the distillation data): by hand on a UNet, by the pipeline's call otherwise."""
     texts = list(calibration_prompts(config, data))
+    if not is_unet(pipe, denoiser):
+        return calibrate_by_call(pipe, denoiser, config, data, texts, config.method_name)
+    unet, param0 = denoiser, next(denoiser.parameters())
     cond = text_embeddings(pipe, texts).to(param0.device, param0.dtype)
     uncond = text_embeddings(pipe, [""]).to(param0.device, param0.dtype)
     layers = quant_layers(unet)
@@ -158,12 +159,13 @@ def calibrate(pipe: Any, unet: Any, config: StaticQuantConfig, data: PrepareData
 
 # --- LSQ distillation --------------------------------------------------------------------
 class QuantStudent:
-    """A float32 copy of the UNet whose quantised layers fake-quantise weight and input with
+    """A float32 copy of the denoiser whose quantised layers fake-quantise weight and input with
     trainable LSQ step sizes; `acts.current` is set per call by the caller."""
 
-    def __init__(self, unet: Any, config: LSQTrainingConfig, w_steps: dict[str, torch.Tensor]):
-        self.unet = copy.deepcopy(unet).float().train().requires_grad_(False)
-        self.layers = quant_layers(self.unet)
+    def __init__(self, denoiser: Any, config: LSQTrainingConfig,
+                 w_steps: dict[str, torch.Tensor]):
+        self.denoiser = copy.deepcopy(denoiser).float().train().requires_grad_(False)
+        self.layers = quant_layers(self.denoiser)
         self.acts = ActSteps()
         self.w_steps = {name: torch.nn.Parameter(w_steps[f"w_step.{name}"].clone().float())
                         for name, _ in self.layers}
@@ -186,7 +188,7 @@ class QuantStudent:
         """Trained weight steps (`w_step.*`) and changed weights (`weight.<param>`)."""
         out = {f"w_step.{k}": v.detach().clone() for k, v in self.w_steps.items()}
         names = {f"{name}.weight" for name, _ in self.layers}
-        changed = changed_parameters(self.unet, original, lambda n: n in names)
+        changed = changed_parameters(self.denoiser, original, lambda n: n in names)
         out.update({f"weight.{k}": v for k, v in changed.items()})
         return out
 
@@ -197,9 +199,15 @@ class QuantStudent:
 
 
 def distill_loss(pipe: Any, student: QuantStudent, calib: Calibration, batch_size: int,
-                 act_steps_at: Callable[[int], torch.Tensor],
+                 act_steps_at: Callable[[float], torch.Tensor],
                  generator: torch.Generator) -> torch.Tensor:
-    """MSE between the quantised student's and the FP UNet's noise prediction at one random t."""
+    """MSE between the quantised student's and the FP prediction: on a UNet at one random t of
+    q(x_t | x_0); on a transformer on rows of one recorded pipeline call (calls.py)."""
+    if calib.calls is not None:
+        def set_steps(call: Any) -> None:
+            student.acts.current = act_steps_at(float(calib.timesteps[call.step]))
+
+        return replay_loss(student.denoiser, calib.calls, batch_size, generator, set_steps)
     idx = torch.randint(0, calib.x0.shape[0], (batch_size,), generator=generator)
     t = int(torch.randint(0, pipe.scheduler.config.num_train_timesteps, (1,),
                           generator=generator))
@@ -209,7 +217,7 @@ def distill_loss(pipe: Any, student: QuantStudent, calib: Calibration, batch_siz
     with torch.no_grad():
         target = pipe.unet(model_in, tt, encoder_hidden_states=text).sample.float()
     student.acts.current = act_steps_at(t)
-    out = student.unet(model_in.float(), tt, encoder_hidden_states=text.float()).sample
+    out = student.denoiser(model_in.float(), tt, encoder_hidden_states=text.float()).sample
     return F.mse_loss(out, target)
 
 
@@ -220,7 +228,7 @@ def lsq_optimizer(params: list[torch.Tensor], lr: float) -> torch.optim.Optimize
 
 def distill(pipe: Any, student: QuantStudent, calib: Calibration, config: LSQTrainingConfig,
             data: PrepareData, optimizers: list[torch.optim.Optimizer],
-            act_steps_at: Callable[[int], torch.Tensor],
+            act_steps_at: Callable[[float], torch.Tensor],
             after_step: Callable[[], None] = lambda: None) -> list[float]:
     """QAT by distillation: `config.steps` steps of every optimiser; the loss per step."""
     generator = torch.Generator().manual_seed(data.seed + 1)

@@ -11,7 +11,7 @@ import torch
 
 from harness.errors import DiffbenchError
 from harness.prepare import ArtifactCache, PrepareData, prepare_artifacts
-from harness.run.generate import call_kwargs, generate
+from harness.run.generate import call_kwargs, generate, model_call
 from harness.seeds import image_seed
 from harness.stack import resolve_method
 from harness.steps import StepContext
@@ -88,6 +88,7 @@ def assert_same_state(a: dict, b: dict) -> None:
 
 
 _ARTIFACT_CACHES: dict[str, ArtifactCache] = {}
+_BASELINES: dict[tuple[str, int], tuple[Any, torch.Tensor]] = {}  # -> (pipeline, images)
 
 
 class MethodContract:
@@ -98,9 +99,22 @@ class MethodContract:
     identity_params: ClassVar[dict | None] = None
     active_params: ClassVar[dict | None] = None
 
+    @pytest.fixture(autouse=True)
+    def _model_under_test(self, tiny_spec: Any) -> None:
+        self.model_spec = tiny_spec  # what prepare_data describes: name and pipeline call
+
+    def prepare_data(self, prompts: list[str] | tuple[str, ...] = tuple(PROMPTS)) -> PrepareData:
+        """What the runner hands a training method's prepare for the model under test."""
+        return PrepareData(model=f"{self.model_spec.name}@none", prompts=tuple(prompts),
+                           log=lambda _: None, call_kwargs=model_call(self.model_spec))
+
     @pytest.fixture()
     def baseline_images(self, tiny_pipe: Any, tiny_spec: Any) -> torch.Tensor:
-        return run(tiny_pipe, tiny_spec, None, PROMPTS[:2])
+        """The plain pipeline's images, generated once per pipeline (every test restores it)."""
+        key = (tiny_spec.name, id(tiny_pipe))
+        if key not in _BASELINES:  # the pipeline is kept in the entry: its id is never reused
+            _BASELINES[key] = (tiny_pipe, run(tiny_pipe, tiny_spec, None, PROMPTS[:2]))
+        return _BASELINES[key][1]
 
     def apply(self, pipe: Any, params: dict | None, ctx: StepContext | None = None) -> Any:
         """Apply the method; a training method is prepared first (in-memory cache per class)."""
@@ -112,16 +126,16 @@ class MethodContract:
         if not spec.prepares:
             return None
         cache = _ARTIFACT_CACHES.setdefault(type(self).__qualname__, ArtifactCache(None))
-        data = PrepareData(model="tiny-sd@none", prompts=tuple(PROMPTS), log=lambda _: None)
-        return prepare_artifacts(spec, pipe, config, data, cache)
+        return prepare_artifacts(spec, pipe, config, self.prepare_data(), cache)
 
-    def test_prepare_leaves_pipeline_unchanged(self, tiny_pipe):
+    def test_prepare_leaves_pipeline_unchanged(self, tiny_pipe, baseline_images):
+        """(baseline_images: a first call, on which transformers installs its own lazy
+        output-capturing hooks in the text encoder, is not the method's doing)"""
         spec = resolve_method(self.method)
         if not spec.prepares:
             pytest.skip("method trains nothing")
         before = state_fingerprint(tiny_pipe)
-        data = PrepareData(model="tiny-sd@none", prompts=tuple(PROMPTS), log=lambda _: None)
-        artifact = spec.prepare(tiny_pipe, spec.config(self.active_params), data)
+        artifact = spec.prepare(tiny_pipe, spec.config(self.active_params), self.prepare_data())
         assert artifact and all(isinstance(t, torch.Tensor) for t in artifact.values())
         assert_same_state(before, state_fingerprint(tiny_pipe))
 
@@ -132,9 +146,8 @@ class MethodContract:
         if not spec.prepares:
             pytest.skip("method trains nothing")
         config = spec.config(self.active_params)
-        data = PrepareData(model="tiny-sd@none", prompts=tuple(PROMPTS), log=lambda _: None)
-        more = PrepareData(model="tiny-sd@none", prompts=(*PROMPTS, "a small white cross on "
-                           "a red background"), log=lambda _: None)
+        data = self.prepare_data()
+        more = self.prepare_data((*PROMPTS, "a small white cross on a red background"))
         if spec.training_prompts(config, data) != spec.training_prompts(config, more):
             pytest.skip("this setting trains on every prompt of the cell")
         first, second = spec.prepare(tiny_pipe, config, data), spec.prepare(tiny_pipe, config, more)

@@ -22,6 +22,15 @@ from tests.methods.contract import (
     one_line_error,
     run,
 )
+from tests.methods.dit_fixtures import (  # noqa: F401 (fixtures)
+    flux_pipe,
+    flux_spec,
+    on_model,
+    sd3_pipe,
+    sd3_spec,
+    tiny_sd3_pipe,
+    tiny_sd3_spec,
+)
 
 TINY = {"steps": 2, "batch_size": 2, "data_size": 2, "data_steps": 1}
 
@@ -50,9 +59,55 @@ class TestASE(MethodContract):
         with pytest.raises(DiffbenchError, match=message):
             self.apply(tiny_pipe, {**self.active_params, "drop_max": 6})
 
-    def test_transformer_pipeline_is_refused_in_one_line(self):
-        with one_line_error("^ase needs a UNet pipeline"):
+    def test_pipeline_without_a_denoiser_is_refused_in_one_line(self):
+        with one_line_error("^ase needs a transformer .* or a UNet .*; DiTLike has neither"):
             self.apply(DiTLike(), self.active_params)
+
+
+TINY_T = {**TINY, "target": "teacher"}  # transformers distil on their pipeline's calls
+
+
+class TransformerASE(MethodContract):
+    """ASE on a transformer: the last blocks exit at high noise, distilled on the model's calls."""
+
+    method = "ase"
+    identity_params = {"drop_max": 0, "lr": 0.0, **TINY_T}
+    active_params = {"drop_max": 2, **TINY_T}
+
+    def test_last_blocks_run_only_at_low_noise(self, tiny_pipe, tiny_spec):
+        """Schedule "step" over the noisiest half: the last block skips exactly those calls."""
+        params = {"drop_max": 1, "schedule": "step", "until": 0.5, "steps": 0}
+        transformer = tiny_pipe.transformer
+        last = (transformer.single_transformer_blocks[-1] if getattr(
+            transformer, "single_transformer_blocks", None) else transformer.transformer_blocks[-1])
+        seen, ran = [], []
+        pre = transformer.register_forward_pre_hook(
+            lambda m, a, k: seen.append(float(torch.as_tensor(k["timestep"]).reshape(-1)[0])),
+            with_kwargs=True)
+        # the attention inside it: a skipped block's own hooks still fire, its children do not
+        post = last.attn.register_forward_hook(lambda *_: ran.append(len(seen)))
+        try:
+            ctx = StepContext()
+            with self.apply(tiny_pipe, params, ctx) as handle:
+                run(tiny_pipe, tiny_spec, handle, PROMPTS[:1], ctx=ctx, steps=6)
+        finally:
+            pre.remove()
+            post.remove()
+        unit = 1000.0 if type(transformer).__name__.startswith("Flux") else 1.0
+        expected = [i + 1 for i, t in enumerate(seen) if round(t * unit) < 500]
+        assert ran == expected and 0 < len(ran) < len(seen)
+
+    def test_noise_target_is_refused_in_one_line(self, tiny_pipe):
+        with one_line_error("^ase.target='noise' trains on the UNet's epsilon loss; on "):
+            self.apply(tiny_pipe, {"drop_max": 1, **TINY})
+
+    def test_distillation_trains_all_but_the_time_embedders(self, tiny_pipe):
+        spec = METHODS.get("ase")
+        config = spec.config({**self.active_params, "steps": 3, "lr": 1e-3})
+        artifact = spec.prepare(tiny_pipe, config, self.prepare_data())
+        changed = [k for k in artifact if k != "ase.drop_table"]
+        assert changed and not any(k.startswith(("time_text_embed.", "adaln_single."))
+                                   or ".timestep_embedder." in k for k in changed)
 
 
 @pytest.mark.parametrize("drop_max,schedule,until,expected", [
@@ -187,3 +242,10 @@ def test_exit_depth_refuses_a_call_mixing_depths():
     hook = ExitDepth().from_timestep(drop_table(1000, 2, "step", 0.5))
     with pytest.raises(DiffbenchError, match="mixes timesteps with different exit depths"):
         hook(None, (torch.zeros(2, 4, 8, 8), torch.tensor([999, 10])), {})
+
+
+TestASEOnMiniSD3 = on_model(TransformerASE, "sd3")
+
+TestASEOnTinyFlux = on_model(TransformerASE, "flux")
+
+TestASEOnTinySD3 = on_model(TransformerASE, "tiny_sd3")

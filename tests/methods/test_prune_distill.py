@@ -184,6 +184,7 @@ def test_removed_blocks_are_not_executed_in_generation(tiny_pipe, tiny_spec):
               "up_attn": unet.up_blocks[1].attentions[1].proj_in,
               "kept": unet.up_blocks[1].resnets[0].conv1}
     contract = TestPruneDistill()
+    contract.model_spec = tiny_spec
     ctx = StepContext()
     with contract.apply(tiny_pipe, contract.active_params, ctx) as handle, \
             count_calls(probes) as counts:

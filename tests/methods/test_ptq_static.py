@@ -26,6 +26,15 @@ from tests.methods.contract import (
     one_line_error,
     run,
 )
+from tests.methods.dit_fixtures import (  # noqa: F401 (fixtures)
+    flux_pipe,
+    flux_spec,
+    on_model,
+    sd3_pipe,
+    sd3_spec,
+    tiny_sd3_pipe,
+    tiny_sd3_spec,
+)
 
 TINY_CALIB = {"calib_prompts": 2, "calib_steps": 2}
 DATA = PrepareData(model="tiny-sd@none", prompts=tuple(PROMPTS), log=lambda _: None)
@@ -57,8 +66,8 @@ class QuantContract(MethodContract):
         assert low > 8 * max(high, 0.1), (high, low)
 
     def test_report_gives_bits_and_weight_bytes(self, tiny_pipe):
-        unet = tiny_pipe.unet
-        weights = [m.weight for m in unet.modules()
+        denoiser = getattr(tiny_pipe, "unet", None) or tiny_pipe.transformer
+        weights = [m.weight for m in denoiser.modules()
                    if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
         packed = sum(math.ceil(4 * w.numel() / 8) + 4 * w.shape[0] for w in weights)
         with self.apply(tiny_pipe, {**self.base_params, "w_bits": 4, "a_bits": 8}) as handle:
@@ -74,23 +83,27 @@ class QuantContract(MethodContract):
         with pytest.raises(DiffbenchError, match=r"allowed \[2, 16\]"):
             METHODS.get(self.method).config({"a_bits": 17})
 
-    def test_transformer_pipeline_is_refused(self):
+    def test_pipeline_without_a_denoiser_is_refused(self):
         spec = METHODS.get(self.method)
-        with one_line_error(f"{self.method} needs a UNet pipeline"):
+        with one_line_error(f"{self.method} needs a transformer .* or a UNet .*; DiTLike has"):
             spec.apply(DiTLike(), spec.config(self.active_params), StepContext(), {
                 self.method: {"a_step": torch.ones(1)}})
 
     def test_calibration_is_deterministic(self, tiny_pipe):
         spec = METHODS.get(self.method)
         config = spec.config(self.active_params)
-        a, b = spec.prepare(tiny_pipe, config, DATA), spec.prepare(tiny_pipe, config, DATA)
+        data = self.prepare_data()
+        a, b = spec.prepare(tiny_pipe, config, data), spec.prepare(tiny_pipe, config, data)
         assert a.keys() == b.keys()
         assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-class TestPTQMinMax(QuantContract):
+class PTQMinMaxContract(QuantContract):
     method = "ptq_minmax"
     active_params = {**TINY_CALIB, "w_bits": 4, "a_bits": 4}
+
+
+class TestPTQMinMax(PTQMinMaxContract):
 
     def test_static_step_is_max_over_all_timesteps(self, tiny_pipe):
         """conv_in's input step = max |latent| over the whole calibration trajectory / Qp."""
@@ -135,6 +148,16 @@ class TestLSQ(QuantContract):
     active_params = {**base_params, "w_bits": 4, "a_bits": 4}
 
 
+# the same contracts on the transformer denoisers (calibrated through their pipeline calls)
+TestPTQMinMaxOnMiniSD3 = on_model(PTQMinMaxContract, "sd3")
+
+TestPTQMinMaxOnTinyFlux = on_model(PTQMinMaxContract, "flux")
+
+TestPTQMinMaxOnTinySD3 = on_model(PTQMinMaxContract, "tiny_sd3")
+
+TestLSQOnTinyFlux = on_model(TestLSQ, "flux")  # one model: the replay loss is tdq-qat's too
+
+
 def lsq_setup(pipe, train_weights: bool):
     """A W8A8 quantised student, its static input steps and the fixed-batch loss, as prepare."""
     config = METHODS.get("lsq").config({**TINY_CALIB, "w_bits": 8, "a_bits": 8,
@@ -154,7 +177,7 @@ def lsq_setup(pipe, train_weights: bool):
 @pytest.mark.parametrize("train_weights", [False, True])
 def test_one_qat_step_lowers_loss_and_trains_only_quantisers(tiny_pipe, train_weights):
     student, a_step, loss = lsq_setup(tiny_pipe, train_weights)
-    before = {k: v.detach().clone() for k, v in student.unet.named_parameters()}
+    before = {k: v.detach().clone() for k, v in student.denoiser.named_parameters()}
     steps_before = {k: v.detach().clone() for k, v in student.w_steps.items()}
     a_before = a_step.detach().clone()
     # a small lr: one STE step then descends at 1 and at 2 torch threads
@@ -167,8 +190,8 @@ def test_one_qat_step_lowers_loss_and_trains_only_quantisers(tiny_pipe, train_we
     assert loss().item() < first.item()
     assert not torch.equal(a_step, a_before)
     assert any(not torch.equal(student.w_steps[k], v) for k, v in steps_before.items())
-    quant_weights = {f"{n}.weight" for n, _ in quant_layers(student.unet)}
-    changed = {k for k, v in student.unet.named_parameters() if not torch.equal(v, before[k])}
+    quant_weights = {f"{n}.weight" for n, _ in quant_layers(student.denoiser)}
+    changed = {k for k, v in student.denoiser.named_parameters() if not torch.equal(v, before[k])}
     assert changed <= quant_weights
     assert bool(changed) == train_weights
     artifact = student.artifact(tiny_pipe.unet)

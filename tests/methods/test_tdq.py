@@ -29,6 +29,15 @@ from methods.tdq import (
     weight_steps,
 )
 from tests.methods.contract import PROMPTS, run
+from tests.methods.dit_fixtures import (  # noqa: F401 (fixtures)
+    flux_pipe,
+    flux_spec,
+    on_model,
+    sd3_pipe,
+    sd3_spec,
+    tiny_sd3_pipe,
+    tiny_sd3_spec,
+)
 from tests.methods.test_ptq_static import DATA, QAT_TINY, TINY_CALIB, QuantContract
 
 TDQ_TINY = {**TINY_CALIB, "calib_steps": 3, "fit_steps": 20}
@@ -43,6 +52,15 @@ class TestTDQ(QuantContract):
 class TestTDQQAT(TestTDQ):
     base_params = {**TDQ_TINY, **QAT_TINY, "mode": "qat"}
     active_params = {**base_params, "w_bits": 4, "a_bits": 4}
+
+
+TestTDQOnMiniSD3 = on_model(TestTDQ, "sd3")
+
+TestTDQOnTinyFlux = on_model(TestTDQ, "flux")
+
+TestTDQOnTinySD3 = on_model(TestTDQ, "tiny_sd3")
+
+TestTDQQATOnMiniSD3 = on_model(TestTDQQAT, "sd3")
 
 
 def test_fourier_encoding_by_hand():
@@ -123,11 +141,11 @@ def test_step_table_matches_mlp_at_each_sampler_step():
     assert (expected[:, 0] != expected[:, 1]).all()
     for step in range(4):
         ctx.step = step
-        table.before_unet(None, (torch.zeros(1), timesteps[step]), {})
+        table.before_denoiser(None, (torch.zeros(1), timesteps[step]), {})
         assert torch.allclose(acts.current, expected[:, step])
     assert len(table.tables) == 1  # one table per schedule, reused across steps
     ctx.step = 4  # past the schedule (a call outside the counted loop): the call's timestep
-    table.before_unet(None, (torch.zeros(1), torch.tensor(450)), {})
+    table.before_denoiser(None, (torch.zeros(1), torch.tensor(450)), {})
     assert torch.allclose(acts.current, mlp.steps_at(torch.tensor([450]))[:, 0].detach())
 
 
@@ -161,7 +179,7 @@ def test_one_qat_step_lowers_loss_and_trains_only_mlp_and_weight_steps(tiny_pipe
     mlp = TDQModules(static_act_steps(calib, 8), torch.Generator().manual_seed(0))
     fit_to_ranges(mlp, calib, 8, 50, 1e-2)
     student = QuantStudent(tiny_pipe.unet, config, weight_steps(quant_layers(tiny_pipe.unet), 8))
-    unet_before = {k: v.detach().clone() for k, v in student.unet.named_parameters()}
+    unet_before = {k: v.detach().clone() for k, v in student.denoiser.named_parameters()}
     mlp_before = [p.detach().clone() for p in mlp.parameters()]
     w_before = {k: v.detach().clone() for k, v in student.w_steps.items()}
 
@@ -186,4 +204,4 @@ def test_one_qat_step_lowers_loss_and_trains_only_mlp_and_weight_steps(tiny_pipe
     assert min(values) < first.item(), (first.item(), values)
     assert any(not torch.equal(p, q) for p, q in zip(mlp.parameters(), mlp_before))
     assert any(not torch.equal(student.w_steps[k], v) for k, v in w_before.items())
-    assert all(torch.equal(v, unet_before[k]) for k, v in student.unet.named_parameters())
+    assert all(torch.equal(v, unet_before[k]) for k, v in student.denoiser.named_parameters())

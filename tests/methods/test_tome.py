@@ -7,7 +7,19 @@ from harness.errors import DiffbenchError
 from harness.method import METHODS
 from harness.steps import StepContext
 from methods.tome import bipartite_matching, grid_downsample, split_windows
-from tests.methods.contract import PROMPTS, MethodContract, run
+from tests.methods.contract import PROMPTS, MethodContract, one_line_error, run
+from tests.methods.dit_fixtures import (  # noqa: F401 (fixtures)
+    dit_pipe,
+    dit_spec,
+    flux_pipe,
+    on_model,
+    pixart_pipe,
+    pixart_spec,
+    sd3_pipe,
+    sd3_spec,
+    tiny_sd3_pipe,
+    tiny_sd3_spec,
+)
 
 
 def attn1_tokens(pipe, spec, params):
@@ -65,8 +77,8 @@ class TestToMe(MethodContract):
             self.apply(tiny_pipe, {"ratio": 0.5})
         assert "\n" not in str(err.value)
 
-    def test_pipeline_without_unet_is_refused(self):
-        with pytest.raises(DiffbenchError, match="needs a UNet"):
+    def test_pipeline_without_a_denoiser_is_refused(self):
+        with pytest.raises(DiffbenchError, match="needs a transformer .* or a UNet"):
             self.apply(types.SimpleNamespace(transformer=object()), {"ratio": 0.5})
 
     def test_ratio_out_of_range_names_field(self):
@@ -151,3 +163,81 @@ def test_wrapper_matches_block_forward_when_nothing_merges(tiny_pipe):
         got = tome_forward(block, block.forward, merger, config)(x, encoder_hidden_states=text)
     assert torch.allclose(got, expected, atol=1e-5)
     assert not torch.equal(x, expected)
+
+
+def part_tokens(pipe, spec, params, part):
+    """Token count the named component of every transformer block computes on in one
+    generation (seen by its first layer: the component's own hooks see its unmerged input)."""
+    seen: dict[int, set[int]] = {}
+    first = {"ff": "net.0"}.get(part, "to_q")
+    blocks = pipe.transformer.transformer_blocks
+    hooks = [getattr(b, part).get_submodule(first).register_forward_pre_hook(
+        lambda mod, args, i=i: seen.setdefault(i, set()).add(args[0].shape[1]))
+        for i, b in enumerate(blocks)]
+    method, ctx = METHODS.get("tome"), StepContext()
+    try:
+        with method.apply(pipe, method.config(params), ctx) as handle:
+            run(pipe, spec, handle, PROMPTS[:1], ctx=ctx, steps=2)
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen
+
+
+class TransformerToMe(MethodContract):
+    """ToMe on a transformer's blocks: image tokens merged around attention (and MLP)."""
+
+    method = "tome"
+    identity_params = {"ratio": 0.0}
+    active_params = {"ratio": 0.5}
+    attention = "attn"  # the merged self-attention of each block
+
+    def test_attention_and_mlp_see_n_minus_r_image_tokens(self, tiny_pipe, tiny_spec):
+        full = part_tokens(tiny_pipe, tiny_spec, {"ratio": 0.0}, self.attention)
+        n = next(iter(full[0]))
+        merged = part_tokens(tiny_pipe, tiny_spec, {"ratio": 0.5}, self.attention)
+        assert set(merged) == set(full) and all(v == {n - n // 2} for v in merged.values())
+        mlp = part_tokens(tiny_pipe, tiny_spec, {"ratio": 0.5, "merge_mlp": True}, "ff")
+        assert all(v == {n - n // 2} for v in mlp.values())
+        assert part_tokens(tiny_pipe, tiny_spec, {"ratio": 0.5}, "ff") == {
+            i: {n} for i in full}  # merge_mlp off: the MLP sees every token
+
+
+class TestToMeOnMiniSD3(on_model(TransformerToMe, "sd3")):
+    pass
+
+
+class TestToMeOnTinySD3(on_model(TransformerToMe, "tiny_sd3")):
+    pass
+
+
+class TestToMeOnDiT(TransformerToMe):
+    """DiT's adaLN-Zero BasicTransformerBlocks (self-attention attn1)."""
+
+    attention = "attn1"
+
+    @pytest.fixture()
+    def tiny_pipe(self, dit_pipe):  # noqa: F811
+        return dit_pipe
+
+    @pytest.fixture()
+    def tiny_spec(self, dit_spec):  # noqa: F811
+        return dit_spec
+
+
+class TestToMeOnPixArt(TestToMeOnDiT):
+    """PixArt's adaLN-single blocks: self-attention, and cross-attention queries if asked."""
+
+    @pytest.fixture()
+    def tiny_pipe(self, pixart_pipe):  # noqa: F811
+        return pixart_pipe
+
+    @pytest.fixture()
+    def tiny_spec(self, pixart_spec):  # noqa: F811
+        return pixart_spec
+
+
+def test_flux_is_refused_with_its_reason(flux_pipe):  # noqa: F811
+    with one_line_error(r"^tome does not merge tokens in FluxTransformer2DModel's "
+                        r"FluxTransformerBlock \(rotary position embeddings"):
+        METHODS.get("tome").apply(flux_pipe, METHODS.get("tome").config({}), StepContext())
