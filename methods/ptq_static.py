@@ -45,7 +45,7 @@ training_prompts = QT.calibration_prompts  # the first `calib_prompts` of the ce
 def prepare(pipe: Any, config: PTQMinMaxConfig, data: PrepareData) -> dict[str, torch.Tensor]:
     """Min-max PTQ: static input steps from calibration, per-channel weight steps."""
     denoiser = Q.require_quant_denoiser(pipe, "ptq_minmax")
-    calib = QT.calibrate(pipe, denoiser, config, data)
+    calib = QT.calibrate(pipe, denoiser, config, data, distils=False)
     return {"a_step": QT.static_act_steps(calib, config.a_bits),
             **Q.weight_steps(Q.quant_layers(denoiser), config.w_bits)}
 

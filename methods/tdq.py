@@ -187,7 +187,7 @@ training_prompts = calibration_prompts  # the calibration prompts, as for the st
 def prepare(pipe: Any, config: TDQConfig, data: PrepareData) -> dict[str, torch.Tensor]:
     """Calibrate, fit the MLPs to the per-timestep ranges, and in "qat" mode distil."""
     denoiser = require_quant_denoiser(pipe, "tdq")
-    calib = calibrate(pipe, denoiser, config, data)
+    calib = calibrate(pipe, denoiser, config, data, distils=config.mode == "qat")
     generator = torch.Generator().manual_seed(data.seed)
     mlp = TDQModules(static_act_steps(calib, config.a_bits), generator)
     mlp.to(next(denoiser.parameters()).device)

@@ -75,17 +75,19 @@ class CallRecorder:
 
 
 def record_calls(pipe: Any, denoiser: torch.nn.Module, data: PrepareData, texts: list[str],
-                 steps: int, guidance: float, method: str,
-                 ctx: StepContext | None = None) -> tuple[list[Call], torch.Tensor]:
+                 steps: int, guidance: float, method: str, ctx: StepContext | None = None,
+                 keep: bool = True) -> tuple[list[Call], torch.Tensor]:
     """Run the model's pipeline call on `texts` (CALL_BATCH at a time, seeds data.seed + i) for
-    `steps` steps; (every denoiser call, the scheduler's timesteps). `ctx` counts the steps."""
+    `steps` steps; (every denoiser call, or none unless `keep`, the scheduler's timesteps).
+    `ctx` counts the steps (hooks of the caller read it)."""
     if data.call_kwargs is None:
         raise DiffbenchError(f"{method}: training on {type(denoiser).__name__} runs the model's "
                              "pipeline call, and this preparation was given none "
                              "(PrepareData.call_kwargs)")
     ctx = ctx or StepContext()
     recorder = CallRecorder(denoiser, ctx, steps)
-    hook = denoiser.register_forward_hook(recorder.hook, with_kwargs=True)
+    hook = denoiser.register_forward_hook(recorder.hook if keep else lambda *_: None,
+                                          with_kwargs=True)
     timesteps = torch.zeros(0)
     try:
         for start in range(0, len(texts), CALL_BATCH):

@@ -109,9 +109,9 @@ def calibration_prompts(config: StaticQuantConfig, data: PrepareData) -> tuple[s
 
 
 def calibrate_by_call(pipe: Any, denoiser: Any, config: StaticQuantConfig, data: PrepareData,
-                      texts: list[str], method: str) -> Calibration:
+                      texts: list[str], method: str, keep_calls: bool = True) -> Calibration:
     """Calibration through the model's own pipeline call: input ranges per step recorded while
-    it runs, and its denoiser calls kept for distillation."""
+    it runs, and its denoiser calls kept for distillation (`keep_calls`)."""
     layers = quant_layers(denoiser)
     ctx = StepContext()
     ranges = RangeRecorder(len(layers), config.calib_steps, config.percentile)
@@ -120,20 +120,22 @@ def calibrate_by_call(pipe: Any, denoiser: Any, config: StaticQuantConfig, data:
         lambda *_: setattr(ranges, "step", min(ctx.step, config.calib_steps - 1))))
     try:
         calls, timesteps = record_calls(pipe, denoiser, data, texts, config.calib_steps,
-                                        config.calib_guidance, method, ctx)
+                                        config.calib_guidance, method, ctx, keep_calls)
     finally:
         for h in hooks:
             h.remove()
     return Calibration(ranges.ranges, timesteps, ranges.features, calls=calls)
 
 
-def calibrate(pipe: Any, denoiser: Any, config: StaticQuantConfig,
-              data: PrepareData) -> Calibration:
+def calibrate(pipe: Any, denoiser: Any, config: StaticQuantConfig, data: PrepareData,
+              distils: bool = True) -> Calibration:
     """Sample the calibration prompts with the FP denoiser, recording every layer's input range
-    per step (and the distillation data): by hand on a UNet, by the pipeline's call otherwise."""
+    per step (and, if it `distils` after, the distillation data): by hand on a UNet, by the
+    pipeline's call otherwise."""
     texts = list(calibration_prompts(config, data))
     if not is_unet(pipe, denoiser):
-        return calibrate_by_call(pipe, denoiser, config, data, texts, config.method_name)
+        return calibrate_by_call(pipe, denoiser, config, data, texts, config.method_name,
+                                 keep_calls=distils)
     unet, param0 = denoiser, next(denoiser.parameters())
     cond = text_embeddings(pipe, texts).to(param0.device, param0.dtype)
     uncond = text_embeddings(pipe, [""]).to(param0.device, param0.dtype)
