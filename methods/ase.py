@@ -193,6 +193,21 @@ def loss_target(pipe: Any, batch: pools.Batch, config: ASEConfig) -> torch.Tenso
         return pipe.unet(batch.x_t, batch.t, encoder_hidden_states=batch.cond).sample
 
 
+def fine_tune(student: torch.nn.Module, loss: Any, config: ASEConfig, data: PrepareData) -> None:
+    """`config.steps` AdamW steps on `loss()` (the released code's optimiser), logged 10 times."""
+    opt = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=config.lr)
+    every, running = max(1, config.steps // 10), 0.0
+    for step in range(config.steps):
+        value = loss()
+        opt.zero_grad(set_to_none=True)
+        value.backward()
+        opt.step()
+        running += value.item()
+        if (step + 1) % every == 0:
+            data.log(f"[ase] step {step + 1}/{config.steps} loss {running / every:.4e}")
+            running = 0.0
+
+
 def training_prompts(config: ASEConfig, data: PrepareData) -> tuple[str, ...]:
     """The cell's prompts for teacher-generated data or distillation on the pipeline's calls
     (a transformer's); none when a UNet trains on real images."""
@@ -216,18 +231,12 @@ def prepare(pipe: Any, config: ASEConfig, data: PrepareData) -> dict[str, torch.
     pool = pools.training_pool(pipe, config.data, data, data.prompts, config.data_size,
                             config.data_steps, gen, "ase")
     student, depth = make_student(unet, config.drop_max)
-    opt = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=config.lr)
-    every, running = max(1, config.steps // 10), 0.0
-    for step in range(config.steps):
+
+    def loss() -> torch.Tensor:
         batch = pools.sample_batch(pipe, pool, config.batch_size, gen)
-        loss = exit_loss(student, depth, table, batch, loss_target(pipe, batch, config))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        running += loss.item()
-        if (step + 1) % every == 0:
-            data.log(f"[ase] step {step + 1}/{config.steps} loss {running / every:.4f}")
-            running = 0.0
+        return exit_loss(student, depth, table, batch, loss_target(pipe, batch, config))
+
+    fine_tune(student, loss, config, data)
     U.to_dtype(student, unet.dtype)
     return {TABLE: table, **finetune.changed_parameters(student, unet, trainable)}
 
@@ -256,17 +265,8 @@ def fine_tune_transformer(pipe: Any, transformer: Any, config: ASEConfig, data: 
     def at_depth(call: Call) -> None:
         depth.set(table, call.kwargs["timestep"], unit)
 
-    opt = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=config.lr)
-    every, running = max(1, config.steps // 10), 0.0
-    for step in range(config.steps):
-        loss = replay_loss(student, calls, config.batch_size, gen, at_depth)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        running += loss.item()
-        if (step + 1) % every == 0:
-            data.log(f"[ase] step {step + 1}/{config.steps} loss {running / every:.4e}")
-            running = 0.0
+    fine_tune(student, lambda: replay_loss(student, calls, config.batch_size, gen, at_depth),
+              config, data)
     U.to_dtype(student, transformer.dtype)
     return finetune.changed_parameters(student, transformer, trainable)
 

@@ -1,7 +1,7 @@
 """Shared fixtures for the transformer-denoiser methods: tiny DiT, PixArt and MMDiT pipelines.
 
-Import the fixtures into a test module (`from tests.methods.dit_fixtures import dit_pipe, ...`)
-and point the contract's `tiny_pipe` / `tiny_spec` at them inside the test class.
+tests/methods/conftest.py makes the pipeline fixtures visible to every method test module;
+`on_model` points the contract's `tiny_pipe` / `tiny_spec` at one of them.
 """
 
 from __future__ import annotations
@@ -44,6 +44,8 @@ tiny_sd3_spec, tiny_sd3_pipe = model_fixtures("tiny_sd3", "tiny-sd3")  # SD3.5: 
 
 
 ON_MODEL = {  # fixture prefix -> what the contract runs on
+    "dit": "DiT's adaLN-Zero blocks (tiny-dit, class labels)",
+    "pixart": "PixArt-alpha's adaLN-single blocks with cross-attention (tiny-pixart)",
     "sd3": "an MMDiT (mini-sd3's SD3 joint blocks, random weights)",
     "flux": "FLUX's double- and single-stream blocks (tiny-flux)",
     "tiny_sd3": "SD3.5's joint blocks with a dual-attention layer (tiny-sd3)",

@@ -22,15 +22,7 @@ from tests.methods.contract import (
     one_line_error,
     run,
 )
-from tests.methods.dit_fixtures import (  # noqa: F401 (fixtures)
-    flux_pipe,
-    flux_spec,
-    on_model,
-    sd3_pipe,
-    sd3_spec,
-    tiny_sd3_pipe,
-    tiny_sd3_spec,
-)
+from tests.methods.dit_fixtures import on_model
 
 TINY = {"steps": 2, "batch_size": 2, "data_size": 2, "data_steps": 1}
 

@@ -6,23 +6,13 @@ from harness.method import METHODS
 from harness.steps import StepContext
 from methods.block_drop import drop_count, unet_units
 from tests.methods.contract import PROMPTS, MethodContract, run
-from tests.methods.dit_fixtures import (  # noqa: F401 (fixtures)
+from tests.methods.dit_fixtures import (
     count_calls,
-    dit_pipe,
-    dit_spec,
     flops_of,
-    flux_pipe,
-    flux_spec,
     generate_latents,
     module_flops,
     on_model,
-    pixart_pipe,
-    pixart_spec,
     plain_call,
-    sd3_pipe,
-    sd3_spec,
-    tiny_sd3_pipe,
-    tiny_sd3_spec,
 )
 
 
@@ -43,21 +33,21 @@ class TestBlockDropOnDiT(TestBlockDropOnUNet):
     active_params = {"drop_max": 2}
 
     @pytest.fixture()
-    def tiny_pipe(self, dit_pipe):  # noqa: F811
+    def tiny_pipe(self, dit_pipe):
         return dit_pipe
 
     @pytest.fixture()
-    def tiny_spec(self, dit_spec):  # noqa: F811
+    def tiny_spec(self, dit_spec):
         return dit_spec
 
 
 class TestBlockDropOnPixArt(TestBlockDropOnDiT):
     @pytest.fixture()
-    def tiny_pipe(self, pixart_pipe):  # noqa: F811
+    def tiny_pipe(self, pixart_pipe):
         return pixart_pipe
 
     @pytest.fixture()
-    def tiny_spec(self, pixart_spec):  # noqa: F811
+    def tiny_spec(self, pixart_spec):
         return pixart_spec
 
 
@@ -94,7 +84,7 @@ def test_last_blocks_skipped_per_schedule(request, pipe_name):
     assert dict(counts) == {i: sum(i < 4 - k for k in ks) for i in range(4)}
 
 
-def test_dit_flops_saved_equal_the_dropped_blocks(dit_pipe, dit_spec):  # noqa: F811
+def test_dit_flops_saved_equal_the_dropped_blocks(dit_pipe, dit_spec):
     per_block = module_flops(dit_pipe, dit_spec, ["transformer_blocks.3"])
     steps = 10
     base = flops_of(dit_pipe, dit_spec, StepContext(), steps)
@@ -140,7 +130,7 @@ def test_unet_flops_drop(tiny_pipe, tiny_spec):
     assert more < mid_only < base
 
 
-def test_plain_call_while_applied_is_exact(dit_pipe, dit_spec):  # noqa: F811
+def test_plain_call_while_applied_is_exact(dit_pipe, dit_spec):
     expected = plain_call(dit_pipe, dit_spec)
     ctx = StepContext()
     with _apply(dit_pipe, {"drop_max": 3}, ctx):

@@ -6,23 +6,13 @@ from harness.method import METHODS
 from harness.steps import StepContext
 from methods.delta_dit import cached_range
 from tests.methods.contract import MethodContract
-from tests.methods.dit_fixtures import (  # noqa: F401 (fixtures)
+from tests.methods.dit_fixtures import (
     count_calls,
-    dit_pipe,
-    dit_spec,
     flops_of,
-    flux_pipe,
-    flux_spec,
     generate_latents,
     module_flops,
     on_model,
-    pixart_pipe,
-    pixart_spec,
     plain_call,
-    sd3_pipe,
-    sd3_spec,
-    tiny_sd3_pipe,
-    tiny_sd3_spec,
 )
 
 DEPTH = 4  # blocks of the tiny DiT / PixArt
@@ -39,11 +29,11 @@ class TestDeltaDiT(MethodContract):
     active_params = {"interval": 2, "num_blocks": 2}
 
     @pytest.fixture()
-    def tiny_pipe(self, dit_pipe):  # noqa: F811
+    def tiny_pipe(self, dit_pipe):
         return dit_pipe
 
     @pytest.fixture()
-    def tiny_spec(self, dit_spec):  # noqa: F811
+    def tiny_spec(self, dit_spec):
         return dit_spec
 
     @pytest.mark.parametrize("switch", [0.0, 1.0])
@@ -58,11 +48,11 @@ class TestDeltaDiT(MethodContract):
 
 class TestDeltaDiTOnPixArt(TestDeltaDiT):
     @pytest.fixture()
-    def tiny_pipe(self, pixart_pipe):  # noqa: F811
+    def tiny_pipe(self, pixart_pipe):
         return pixart_pipe
 
     @pytest.fixture()
-    def tiny_spec(self, pixart_spec):  # noqa: F811
+    def tiny_spec(self, pixart_spec):
         return pixart_spec
 
 
@@ -91,7 +81,7 @@ def test_cached_range_skipped_on_non_key_steps(request, pipe_name):
     assert dict(counts) == {0: steps - 2, 1: steps, 2: steps, 3: steps - 2}
 
 
-def test_skipped_range_output_is_input_plus_cached_delta(dit_pipe, dit_spec):  # noqa: F811
+def test_skipped_range_output_is_input_plus_cached_delta(dit_pipe, dit_spec):
     """On a non-key step the range's output is its current input plus the key step's delta."""
     blocks = dit_pipe.transformer.transformer_blocks
     seen = {"in": [], "out": []}
@@ -110,7 +100,7 @@ def test_skipped_range_output_is_input_plus_cached_delta(dit_pipe, dit_spec):  #
         assert torch.equal(seen["out"][step], seen["in"][step] + delta)
 
 
-def test_flops_saved_equal_the_skipped_blocks(dit_pipe, dit_spec):  # noqa: F811
+def test_flops_saved_equal_the_skipped_blocks(dit_pipe, dit_spec):
     per_block = module_flops(dit_pipe, dit_spec, ["transformer_blocks.0"])
     assert per_block == module_flops(dit_pipe, dit_spec, ["transformer_blocks.3"]) > 0
     steps = 8
@@ -123,7 +113,7 @@ def test_flops_saved_equal_the_skipped_blocks(dit_pipe, dit_spec):  # noqa: F811
         assert base - cached == skipped_steps * num_blocks * per_block
 
 
-def test_plain_call_while_applied_is_exact(dit_pipe, dit_spec):  # noqa: F811
+def test_plain_call_while_applied_is_exact(dit_pipe, dit_spec):
     expected = plain_call(dit_pipe, dit_spec)
     ctx = StepContext()
     with _apply(dit_pipe, {"interval": 2}, ctx):
@@ -131,7 +121,7 @@ def test_plain_call_while_applied_is_exact(dit_pipe, dit_spec):  # noqa: F811
         assert torch.equal(plain_call(dit_pipe, dit_spec), expected)
 
 
-def test_num_blocks_beyond_depth_names_allowed_range(dit_pipe):  # noqa: F811
+def test_num_blocks_beyond_depth_names_allowed_range(dit_pipe):
     with pytest.raises(DiffbenchError, match=rf"num_blocks=5 .*allowed \[1, {DEPTH}\]$"):
         _apply(dit_pipe, {"num_blocks": 5}, StepContext())
 

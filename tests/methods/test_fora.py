@@ -6,23 +6,13 @@ from harness.method import METHODS
 from harness.steps import StepContext
 from methods.fora import is_key_step
 from tests.methods.contract import MethodContract
-from tests.methods.dit_fixtures import (  # noqa: F401 (fixtures)
+from tests.methods.dit_fixtures import (
     count_calls,
-    dit_pipe,
-    dit_spec,
     flops_of,
-    flux_pipe,
-    flux_spec,
     generate_latents,
     module_flops,
     on_model,
-    pixart_pipe,
-    pixart_spec,
     plain_call,
-    sd3_pipe,
-    sd3_spec,
-    tiny_sd3_pipe,
-    tiny_sd3_spec,
 )
 
 
@@ -37,11 +27,11 @@ class TestFora(MethodContract):
     active_params = {"interval": 3}
 
     @pytest.fixture()
-    def tiny_pipe(self, dit_pipe):  # noqa: F811
+    def tiny_pipe(self, dit_pipe):
         return dit_pipe
 
     @pytest.fixture()
-    def tiny_spec(self, dit_spec):  # noqa: F811
+    def tiny_spec(self, dit_spec):
         return dit_spec
 
     def test_start_step_also_changes_output(self, tiny_pipe, tiny_spec, baseline_images):
@@ -56,11 +46,11 @@ class TestForaOnPixArt(TestFora):
     """The same contract on PixArt-alpha (adaLN-single blocks with cross-attention)."""
 
     @pytest.fixture()
-    def tiny_pipe(self, pixart_pipe):  # noqa: F811
+    def tiny_pipe(self, pixart_pipe):
         return pixart_pipe
 
     @pytest.fixture()
-    def tiny_spec(self, pixart_spec):  # noqa: F811
+    def tiny_spec(self, pixart_spec):
         return pixart_spec
 
 
@@ -96,7 +86,7 @@ def test_layers_run_only_on_key_steps(request, pipe_name, interval, start):
     assert dict(counts) == {name: keys for name in probes}  # one call per key step (CFG batch)
 
 
-def test_cached_outputs_are_reused_not_recomputed(dit_pipe, dit_spec):  # noqa: F811
+def test_cached_outputs_are_reused_not_recomputed(dit_pipe, dit_spec):
     """On a non-key step every cached layer returns the very tensor it returned on the key step."""
     block = dit_pipe.transformer.transformer_blocks[0]
     seen = []
@@ -129,7 +119,7 @@ def test_flops_saved_equal_the_cached_layers(request, pipe_name):
     assert base - cached == skipped * layers
 
 
-def test_plain_call_while_applied_is_exact(dit_pipe, dit_spec):  # noqa: F811
+def test_plain_call_while_applied_is_exact(dit_pipe, dit_spec):
     """A pipeline call outside StepContext.generate never reads the cache."""
     expected = plain_call(dit_pipe, dit_spec)
     ctx = StepContext()

@@ -9,15 +9,7 @@ import torch
 from harness.method import METHODS
 from harness.steps import StepContext
 from methods._common.blocks import STREAMS, denoiser_blocks, passthrough
-from tests.methods.dit_fixtures import (  # noqa: F401 (fixtures)
-    flops_of,
-    flux_pipe,
-    flux_spec,
-    sd3_pipe,
-    sd3_spec,
-    tiny_sd3_pipe,
-    tiny_sd3_spec,
-)
+from tests.methods.dit_fixtures import flops_of
 
 ACTIVE = {"fora": {"interval": 3}, "delta_dit": {"interval": 2, "num_blocks": 2},
           "block_drop": {"drop_max": 2, "until": 0.5}}
@@ -31,20 +23,20 @@ def test_stream_table_names_real_diffusers_block_classes():
         assert hasattr(attention, name) or hasattr(transformer_flux, name), name
 
 
-def test_blocks_in_forward_order_with_their_protocol(sd3_pipe):  # noqa: F811
+def test_blocks_in_forward_order_with_their_protocol(sd3_pipe):
     blocks = denoiser_blocks(sd3_pipe, "m")
     assert [b.name for b in blocks] == [f"transformer_blocks.{i}" for i in range(6)]
     assert all(b.streams.joint for b in blocks)
 
 
-def test_passthrough_returns_both_streams_in_the_block_protocol(sd3_pipe):  # noqa: F811
+def test_passthrough_returns_both_streams_in_the_block_protocol(sd3_pipe):
     block = denoiser_blocks(sd3_pipe, "m")[0]
     h, e = torch.randn(1, 64, 96), torch.randn(1, 16, 96)
     out = passthrough(block)((), {"hidden_states": h, "encoder_hidden_states": e, "temb": None})
     assert out[0] is e and out[1] is h and block.outputs(out) == (h, e)
 
 
-def test_flux_runs_double_then_single_blocks(flux_pipe):  # noqa: F811
+def test_flux_runs_double_then_single_blocks(flux_pipe):
     names = [b.name for b in denoiser_blocks(flux_pipe, "m")]
     assert names == ["transformer_blocks.0", "transformer_blocks.1",
                      "single_transformer_blocks.0", "single_transformer_blocks.1"]

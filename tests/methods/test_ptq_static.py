@@ -26,15 +26,7 @@ from tests.methods.contract import (
     one_line_error,
     run,
 )
-from tests.methods.dit_fixtures import (  # noqa: F401 (fixtures)
-    flux_pipe,
-    flux_spec,
-    on_model,
-    sd3_pipe,
-    sd3_spec,
-    tiny_sd3_pipe,
-    tiny_sd3_spec,
-)
+from tests.methods.dit_fixtures import on_model
 
 TINY_CALIB = {"calib_prompts": 2, "calib_steps": 2}
 DATA = PrepareData(model="tiny-sd@none", prompts=tuple(PROMPTS), log=lambda _: None)

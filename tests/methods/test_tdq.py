@@ -29,15 +29,7 @@ from methods.tdq import (
     weight_steps,
 )
 from tests.methods.contract import PROMPTS, run
-from tests.methods.dit_fixtures import (  # noqa: F401 (fixtures)
-    flux_pipe,
-    flux_spec,
-    on_model,
-    sd3_pipe,
-    sd3_spec,
-    tiny_sd3_pipe,
-    tiny_sd3_spec,
-)
+from tests.methods.dit_fixtures import on_model
 from tests.methods.test_ptq_static import DATA, QAT_TINY, TINY_CALIB, QuantContract
 
 TDQ_TINY = {**TINY_CALIB, "calib_steps": 3, "fit_steps": 20}

@@ -8,26 +8,16 @@ from harness.method import METHODS
 from harness.steps import StepContext
 from methods.tome import bipartite_matching, grid_downsample, split_windows
 from tests.methods.contract import PROMPTS, MethodContract, one_line_error, run
-from tests.methods.dit_fixtures import (  # noqa: F401 (fixtures)
-    dit_pipe,
-    dit_spec,
-    flux_pipe,
-    on_model,
-    pixart_pipe,
-    pixart_spec,
-    sd3_pipe,
-    sd3_spec,
-    tiny_sd3_pipe,
-    tiny_sd3_spec,
-)
+from tests.methods.dit_fixtures import on_model
 
 
-def attn1_tokens(pipe, spec, params):
-    """Token count each attn1 sees, by block name, for one generation with ToMe applied."""
-    seen: dict[str, set[int]] = {}
-    hooks = [m.attn1.register_forward_pre_hook(
-        lambda mod, args, n=n: seen.setdefault(n, set()).add(args[0].shape[1]))
-        for n, m in pipe.unet.named_modules() if hasattr(m, "attn1")]
+def tokens_seen(pipe, spec, params, probes: dict) -> dict:
+    """Token count each probe module receives (args[0].shape[1]), by key, in one generation
+    with ToMe applied."""
+    seen: dict = {}
+    hooks = [m.register_forward_pre_hook(
+        lambda mod, args, key=key: seen.setdefault(key, set()).add(args[0].shape[1]))
+        for key, m in probes.items()]
     method, ctx = METHODS.get("tome"), StepContext()
     try:
         with method.apply(pipe, method.config(params), ctx) as handle:
@@ -36,6 +26,12 @@ def attn1_tokens(pipe, spec, params):
         for h in hooks:
             h.remove()
     return seen
+
+
+def attn1_tokens(pipe, spec, params):
+    """Token count each UNet attn1 sees, by block name."""
+    return tokens_seen(pipe, spec, params, {n: m.attn1 for n, m in pipe.unet.named_modules()
+                                            if hasattr(m, "attn1")})
 
 
 class TestToMe(MethodContract):
@@ -166,22 +162,12 @@ def test_wrapper_matches_block_forward_when_nothing_merges(tiny_pipe):
 
 
 def part_tokens(pipe, spec, params, part):
-    """Token count the named component of every transformer block computes on in one
-    generation (seen by its first layer: the component's own hooks see its unmerged input)."""
-    seen: dict[int, set[int]] = {}
+    """Token count the named component of every transformer block computes on, by block index
+    (seen by its first layer: the component's own hooks see its unmerged input)."""
     first = {"ff": "net.0"}.get(part, "to_q")
-    blocks = pipe.transformer.transformer_blocks
-    hooks = [getattr(b, part).get_submodule(first).register_forward_pre_hook(
-        lambda mod, args, i=i: seen.setdefault(i, set()).add(args[0].shape[1]))
-        for i, b in enumerate(blocks)]
-    method, ctx = METHODS.get("tome"), StepContext()
-    try:
-        with method.apply(pipe, method.config(params), ctx) as handle:
-            run(pipe, spec, handle, PROMPTS[:1], ctx=ctx, steps=2)
-    finally:
-        for h in hooks:
-            h.remove()
-    return seen
+    return tokens_seen(pipe, spec, params, {
+        i: getattr(b, part).get_submodule(first)
+        for i, b in enumerate(pipe.transformer.transformer_blocks)})
 
 
 class TransformerToMe(MethodContract):
@@ -211,33 +197,15 @@ class TestToMeOnTinySD3(on_model(TransformerToMe, "tiny_sd3")):
     pass
 
 
-class TestToMeOnDiT(TransformerToMe):
-    """DiT's adaLN-Zero BasicTransformerBlocks (self-attention attn1)."""
+class TestToMeOnDiT(on_model(TransformerToMe, "dit")):
+    attention = "attn1"  # BasicTransformerBlock's self-attention
 
+
+class TestToMeOnPixArt(on_model(TransformerToMe, "pixart")):
     attention = "attn1"
 
-    @pytest.fixture()
-    def tiny_pipe(self, dit_pipe):  # noqa: F811
-        return dit_pipe
 
-    @pytest.fixture()
-    def tiny_spec(self, dit_spec):  # noqa: F811
-        return dit_spec
-
-
-class TestToMeOnPixArt(TestToMeOnDiT):
-    """PixArt's adaLN-single blocks: self-attention, and cross-attention queries if asked."""
-
-    @pytest.fixture()
-    def tiny_pipe(self, pixart_pipe):  # noqa: F811
-        return pixart_pipe
-
-    @pytest.fixture()
-    def tiny_spec(self, pixart_spec):  # noqa: F811
-        return pixart_spec
-
-
-def test_flux_is_refused_with_its_reason(flux_pipe):  # noqa: F811
+def test_flux_is_refused_with_its_reason(flux_pipe):
     with one_line_error(r"^tome does not merge tokens in FluxTransformer2DModel's "
                         r"FluxTransformerBlock \(rotary position embeddings"):
         METHODS.get("tome").apply(flux_pipe, METHODS.get("tome").config({}), StepContext())

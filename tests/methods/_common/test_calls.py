@@ -14,12 +14,6 @@ from methods._common.calls import replay_loss
 from methods._common.quant import quant_layers
 from methods._common.quant_train import calibrate_by_call
 from tests.methods.contract import PROMPTS, one_line_error
-from tests.methods.dit_fixtures import (  # noqa: F401 (fixtures)
-    flux_pipe,
-    flux_spec,
-    sd3_pipe,
-    sd3_spec,
-)
 
 STEPS = 3
 
@@ -62,7 +56,7 @@ def test_replaying_a_call_through_the_fp_copy_reproduces_its_output(model):
         assert loss.item() < 1e-10
 
 
-def test_the_input_range_is_that_of_the_pipeline_call(sd3_pipe, sd3_spec):  # noqa: F811
+def test_the_input_range_is_that_of_the_pipeline_call(sd3_pipe, sd3_spec):
     """The patch embedding's input range at step k is max |latents| the pipeline fed at k."""
     seen: list[float] = []
     conv = sd3_pipe.transformer.pos_embed.proj
@@ -75,7 +69,7 @@ def test_the_input_range_is_that_of_the_pipeline_call(sd3_pipe, sd3_spec):  # no
     assert calib.ranges[index].tolist() == pytest.approx(seen)
 
 
-def test_without_the_models_call_it_is_a_one_line_error(sd3_pipe):  # noqa: F811
+def test_without_the_models_call_it_is_a_one_line_error(sd3_pipe):
     config = METHODS.get("tdq").config({"calib_prompts": 1, "calib_steps": 2})
     data = PrepareData(model="mini-sd3@none", prompts=tuple(PROMPTS))
     with one_line_error("tdq: training on SD3Transformer2DModel runs the model's pipeline call"):
