@@ -1,12 +1,20 @@
 """DeepCache (Ma et al., arXiv 2312.00858): reuse the UNet's high-level features across steps.
 
 On a full ("key") step the whole UNet runs and the outputs of its deep part are cached. On the
-other steps only the shallow skip branch runs (conv_in, down blocks 0..b, up blocks n-1-b..n-1,
-output head); the deep part (down blocks b+1.., mid block, up blocks ..n-2-b) returns its cached
-outputs, so the shallow up block receives the cached high-level feature (paper Sec. 3.2, Eq. 6).
-Granularity is the UNet block (branch b = the down/up block pair kept live), coarser than the
-paper's per-layer skip branches. Key steps are uniform (every N) or non-uniform, denser around
-a centre step with a power law (paper Sec. 3.3, "non-uniform 1:N").
+other steps only the shallow skip branch runs and the deep part returns its cached outputs, so
+the shallow up layers receive the cached high-level feature (paper Sec. 3.2, Eq. 6). Skip
+branches are numbered as in the reference code (DeepCache 0.1.1, `DeepCacheSDHelper`,
+`cache_branch_id`): branch = 3 x block + layer. On non-key steps the mid block and every down
+block deeper than `block` are cached, and so is down block `block` itself when layer = 0, else
+its resnet/attention layers j >= layer and its downsampler (whose output only cached modules
+read); up blocks are counted from the output (block 0 = the last up block): deeper ones are
+cached, and in up block `block` the layers whose index from the output exceeds `layer`. Branch
+0 (the paper's SD-1.5 setting) keeps only conv_in, the last layer of the last up block and
+conv_out live; 3b + 2 keeps the whole down/up block pair b (but the downsampler). Key steps are
+uniform (every N from step 0) or the reference's non-uniform "quadratic" schedule: ceil(T / N)
+key steps, step 0 and the integer parts of a power-law spacing around a centre step
+(`sample_from_quad_center`: start power 1.4, lowered by 0.02 until the count is right; it
+computes with complex roots left of the centre and keeps their real parts, as reproduced here).
 """
 
 from __future__ import annotations
@@ -16,6 +24,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
+import numpy as np
 import torch
 
 from harness.errors import DiffbenchError
@@ -29,52 +38,96 @@ from methods._common.unet import require_unet
 @register_method("deepcache", touches=("unet.block_outputs",))
 @dataclass(frozen=True)
 class DeepCacheConfig:
-    """DeepCache cache interval, skip branch and key-step schedule."""
+    """DeepCache cache interval, skip branch (the reference's cache_branch_id) and schedule."""
 
     interval: int = param(3, "N: full UNet every N steps on average (1 = never reuse)",
                           low=1, high=1000)
-    branch: int = param(0, "skip branch kept live: UNet down/up block pair index (0 = shallowest)",
-                        low=0, high=16)
-    schedule: str = param("uniform", "key-step placement", choices=("uniform", "quadratic"))
-    center: float = param(0.3, "quadratic schedule: densest point, as a fraction of the steps",
-                          low=0.0, high=1.0)
-    power: float = param(1.4, "quadratic schedule: power of the spacing (1 = uniform)",
-                         low=1.0, high=4.0)
+    branch: int = param(0, "skip branch kept live, the reference's cache_branch_id: 3 x block + "
+                        "layer (0 = shallowest: conv_in, last up layer, conv_out)", low=0,
+                        high=47)
+    schedule: str = param("uniform", "key-step placement: every N, or the reference's "
+                          "non-uniform power law around `center`", choices=("uniform", "quadratic"))
+    center: float = param(0.3, "quadratic schedule: centre step as a fraction of the steps "
+                          "(rounded; the reference's `center` = 15 of 50)", low=0.0, high=1.0)
+    power: float = param(1.4, "quadratic schedule: starting power of the spacing (the reference's "
+                         "`pow`)", low=1.0, high=4.0)
+
+
+POWER_STEP = 0.02  # the reference lowers the power by this until it finds ceil(T / N) key steps
+
+
+def quadratic_keys(num_steps: int, count: int, center: int, power: float) -> list[int] | None:
+    """The reference's `sample_from_quad_center`: `count` key steps, 0 and center + the integer
+    parts of x^p for x on a grid from (-center)^(1/p) to (T - center)^(1/p) (complex roots left
+    of the centre, real part kept); None when no power > 1 gives `count` distinct steps."""
+    while power > 1.0:
+        lo, hi = complex(-center) ** (1 / power), (num_steps - center) ** (1 / power)
+        grid = np.linspace(lo, hi, count + 1) ** power  # numpy's arithmetic, as the reference
+        values = np.unique(np.trunc(grid.real).astype(np.int64))
+        keys = [0] + [int(v) + center for v in values[1:-1]]
+        if len(keys) == count:
+            return keys
+        power -= POWER_STEP
+    return None
 
 
 @lru_cache(maxsize=64)
 def key_steps(num_steps: int, interval: int, schedule: str = "uniform", center: float = 0.3,
               power: float = 1.4) -> frozenset[int]:
-    """Steps that run the full UNet; always includes step 0, ceil(T / N) steps in all."""
+    """Steps that run the full UNet: every N-th from 0, or the reference's quadratic ones."""
     if schedule == "uniform" or interval == 1:
         return frozenset(range(0, num_steps, interval))
-    count, c = math.ceil(num_steps / interval), center * (num_steps - 1)
-    while power > 1.0:
-        lo, hi = -(c ** (1 / power)), (num_steps - 1 - c) ** (1 / power)
-        us = [lo + (hi - lo) * i / max(count - 1, 1) for i in range(count)]
-        steps = {0} | {min(num_steps - 1, max(0, round(c + math.copysign(abs(u) ** power, u))))
-                       for u in us}
-        if len(steps) >= count:
-            return frozenset(steps)
-        power -= 0.05  # too dense near the centre: relax the power (as the paper's code does)
-    return key_steps(num_steps, interval)
+    count, centre = math.ceil(num_steps / interval), round(center * num_steps)
+    keys = quadratic_keys(num_steps, count, centre, power)
+    if keys is None:
+        raise DiffbenchError(f"deepcache: no quadratic schedule of {count} key steps in "
+                             f"{num_steps} around step {centre} (power {power} down to 1); "
+                             "lower `center` or `interval`, or use schedule='uniform'")
+    return frozenset(keys)
+
+
+def _pairs(block: Any, keep: Any) -> list[tuple[str, torch.nn.Module]]:
+    """A block's resnet j and attention j for every j with keep(j) false: cached layers."""
+    attentions = list(getattr(block, "attentions", None) or [])
+    out = []
+    for j, resnet in enumerate(block.resnets):
+        if not keep(j):
+            out.append((f"resnets.{j}", resnet))
+            if j < len(attentions):
+                out.append((f"attentions.{j}", attentions[j]))
+    return out
 
 
 def deep_modules(unet: Any, branch: int) -> list[tuple[str, torch.nn.Module]]:
-    """The UNet modules skipped on non-key steps for skip branch `branch`."""
+    """The UNet modules cached on non-key steps for skip branch `branch` (3 x block + layer)."""
     n = len(unet.down_blocks)
-    if not 0 <= branch <= n - 2:
+    if not 0 <= branch <= 3 * (n - 1) + 2:
         raise DiffbenchError(f"deepcache.branch={branch} is out of range for this UNet; "
-                             f"allowed [0, {n - 2}]")
-    mods = [(f"down_blocks.{i}", unet.down_blocks[i]) for i in range(branch + 1, n)]
+                             f"allowed [0, {3 * (n - 1) + 2}]")
+    block, layer = divmod(branch, 3)
+    mods = []
+    for i, down in enumerate(unet.down_blocks):
+        if i > block or (i == block and layer == 0):
+            mods.append((f"down_blocks.{i}", down))
+        elif i == block:
+            live = lambda j: j < layer  # noqa: E731
+            mods += [(f"down_blocks.{i}.{name}", m) for name, m in _pairs(down, live)]
+            mods += [(f"down_blocks.{i}.downsamplers.{k}", m)
+                     for k, m in enumerate(down.downsamplers or [])]
     if unet.mid_block is not None:
         mods.append(("mid_block", unet.mid_block))
-    mods += [(f"up_blocks.{i}", unet.up_blocks[i]) for i in range(0, n - 1 - branch)]
+    for i, up in enumerate(unet.up_blocks):
+        depth, last = n - 1 - i, len(up.resnets) - 1  # block index counted from the output
+        if depth > block:
+            mods.append((f"up_blocks.{i}", up))
+        elif depth == block:
+            mods += [(f"up_blocks.{i}.{name}", m)
+                     for name, m in _pairs(up, lambda j, last=last: last - j <= layer)]
     return mods
 
 
 def apply(pipe: Any, config: DeepCacheConfig, ctx: StepContext) -> MethodHandle:
-    """Wrap the deep UNet modules' forward with the cache and count UNet calls per step."""
+    """Wrap the cached UNet modules' forward with the step cache."""
     unet = require_unet(pipe, "deepcache")
     modules = deep_modules(unet, config.branch)
     handle = MethodHandle(pipe, "deepcache", config)

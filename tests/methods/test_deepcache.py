@@ -19,16 +19,22 @@ class TestDeepCache(MethodContract):
             type(self).active_params = {"interval": 3}
 
     def test_branch_out_of_range_names_allowed_range(self, tiny_pipe):
-        with pytest.raises(DiffbenchError, match=r"allowed \[0, 0\]"):
-            self.apply(tiny_pipe, {"branch": 1})
+        with pytest.raises(DiffbenchError, match=r"deepcache.branch=6 .* allowed \[0, 5\]$"):
+            self.apply(tiny_pipe, {"branch": 6})  # 2 down blocks: ids 3 x block + layer < 6
 
     def test_interval_zero_is_refused_with_range(self):
         with pytest.raises(DiffbenchError, match=r"deepcache.interval=0 is out of range"):
             METHODS.get("deepcache").config({"interval": "0"})
 
     def test_deep_modules_of_sd_layout(self, tiny_pipe):
-        names = [n for n, _ in deep_modules(tiny_pipe.unet, 0)]
-        assert names == ["down_blocks.1", "mid_block", "up_blocks.0"]
+        """Branch 0: only conv_in, the last layer of the last up block and conv_out stay live;
+        branch 2 (= 3 x 0 + 2) keeps the whole first down/up pair but its downsampler."""
+        names = lambda branch: [n for n, _ in deep_modules(tiny_pipe.unet, branch)]  # noqa: E731
+        assert names(0) == ["down_blocks.0", "down_blocks.1", "mid_block", "up_blocks.0",
+                            "up_blocks.1.resnets.0", "up_blocks.1.attentions.0"]
+        assert names(2) == ["down_blocks.0.downsamplers.0", "down_blocks.1", "mid_block",
+                            "up_blocks.0"]
+        assert names(3) == ["down_blocks.1", "mid_block", "up_blocks.0.resnets.0"]
 
 
 @pytest.mark.parametrize("steps,interval", [(50, 3), (10, 3), (25, 5), (7, 1), (20, 20)])

@@ -68,6 +68,6 @@ def test_failed_member_apply_removes_earlier_members(tiny_pipe):
     spec = resolve_method("solver+deepcache")
     scheduler = tiny_pipe.scheduler
     with pytest.raises(DiffbenchError, match="branch"):
-        spec.apply(tiny_pipe, spec.config({"branch": 5}), StepContext())
+        spec.apply(tiny_pipe, spec.config({"branch": 6}), StepContext())
     assert tiny_pipe.scheduler is scheduler  # solver was undone
     spec.apply(tiny_pipe, spec.config({}), StepContext()).remove()  # nothing left applied
