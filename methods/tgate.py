@@ -8,11 +8,15 @@ being computed. Classifier-free guidance is dropped after the gate: a UNet pre-h
 the conditional half of the 2N batch and a forward hook returns its prediction twice, so the
 pipeline's `uncond + g * (cond - uncond)` equals that prediction exactly and the pipeline code
 is unchanged. Step numbering follows the reference code (gate_step = steps computed with
-cross-attention). Optional self-attention caching as in the reference's fidelity-improving
-phase: after the gate attn1 is recomputed only at steps divisible by `self_attn_interval` and
-reused in between (the gate step also caches its CFG-averaged attn1); the reference's
-semantics-planning-phase self-attention interval and warm-up are not implemented. Steps come
-from the runner's context; a pipeline call outside it runs unchanged.
+cross-attention). Optional self-attention caching as in the reference (tgate 1.0.0,
+`tgate_scheduler`): in the semantics-planning phase (before the gate) attn1 is computed for
+the first `warm_up` steps, stored at step `warm_up`, then recomputed and stored at steps
+divisible by `plan_self_attn_interval` and reused in between (the reference's `sp_interval`);
+the gate step stores its CFG-averaged attn1; after the gate attn1 is recomputed only at steps
+divisible by `self_attn_interval` (its `fi_interval`) and reused in between. The reference's
+defaults are gate_step 10, plan_self_attn_interval 5, warm_up 2, self_attn_interval 1; ours
+keep self-attention uncached (gate only) unless asked. Steps come from the runner's context; a
+pipeline call outside it runs unchanged.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ from methods._common.unet import require_unet
 @register_method("tgate", touches=("attention.cross", "guidance"))
 @dataclass(frozen=True)
 class TGateConfig:
-    """T-GATE gate step and optional self-attention reuse interval after it."""
+    """T-GATE gate step and optional self-attention reuse before and after it."""
 
     gate_step: int = param(10, "first step that reuses the cached cross-attention and drops CFG "
                                "(the cache is taken at the step before; >= steps = off)",
@@ -40,6 +44,22 @@ class TGateConfig:
     self_attn_interval: int = param(0, "after the gate, recompute self-attention only at steps "
                                        "divisible by k, reuse it in between (0 or 1 = off)",
                                     low=0, high=1000)
+    plan_self_attn_interval: int = param(
+        0, "before the gate, after `warm_up`, recompute self-attention only at steps divisible by "
+        "k, reuse it in between (the reference's sp_interval, default there 5; 0 or 1 = off)",
+        low=0, high=1000)
+    warm_up: int = param(2, "steps before the gate that always compute self-attention; it is "
+                         "first stored at this step (with plan_self_attn_interval > 1)",
+                         low=0, high=100000)
+
+
+def plan_action(step: int, config: TGateConfig) -> str:
+    """Self-attention before the gate (reference `tgate_scheduler`): "compute", "store" (compute
+    and keep for the next steps) or "reuse"."""
+    k = config.plan_self_attn_interval
+    if k <= 1 or step < config.warm_up:
+        return "compute"
+    return "store" if step == config.warm_up or step % k == 0 else "reuse"
 
 
 def phase_of(step: int, num_steps: int, gate_step: int) -> str:
@@ -90,12 +110,17 @@ class _Gate(GenerationCache):
             return (torch.cat([output[0], output[0]]),) + output[1:]
         return type(output)(sample=torch.cat([output.sample, output.sample]))
 
-    def cached(self, key: tuple[str, str], forward: Any, fresh: Any) -> Any:
+    def cached(self, key: tuple[str, str], forward: Any, fresh: Any,
+               plan: Any = lambda step: "compute") -> Any:
         """Attention forward that stores its CFG-averaged output at the gate step and returns
-        the stored output on reuse steps where `fresh(step)` is false (paper Sec. 4)."""
+        the stored output on reuse steps where `fresh(step)` is false (paper Sec. 4); before the
+        gate `plan(step)` says whether to compute, compute and store, or reuse."""
 
         def gated(*args: Any, **kwargs: Any) -> torch.Tensor:
-            if self.phase == "reuse" and not fresh(self.ctx.step):
+            step = self.ctx.step
+            driven = 0 <= step < self.ctx.num_steps
+            action = plan(step) if self.phase == "plan" and driven else "compute"
+            if (self.phase == "reuse" and not fresh(step)) or action == "reuse":
                 x = args[0] if args else kwargs["hidden_states"]
                 hit = self.store.get(key)
                 if hit is not None and hit.shape[:2] == x.shape[:2]:
@@ -103,7 +128,7 @@ class _Gate(GenerationCache):
             out = forward(*args, **kwargs)
             if self.phase == "gate":
                 self.store[key] = self._cfg_mean(out)
-            elif self.phase == "reuse":
+            elif self.phase == "reuse" or action != "compute":
                 self.store[key] = out
             return out
 
@@ -129,7 +154,7 @@ def attention_pairs(unet: Any) -> list[tuple[str, Any, Any]]:
 
 
 def apply(pipe: Any, config: TGateConfig, ctx: StepContext) -> MethodHandle:
-    """Hook the UNet (phase, CFG halving) and wrap every attn2 (and attn1 when interval > 1)."""
+    """Hook the UNet (phase, CFG halving) and wrap every attn2 (attn1 when it is cached)."""
     unet = require_unet(pipe, "tgate", "pipe.unet with cross-attention blocks", attention_pairs)
     pairs = attention_pairs(unet)
     handle = MethodHandle(pipe, "tgate", config)
@@ -142,8 +167,10 @@ def apply(pipe: Any, config: TGateConfig, ctx: StepContext) -> MethodHandle:
     for name, attn1, attn2 in pairs:
         handle.swap_attr(attn2, "forward",
                          gate.cached(("cross", name), attn2.forward, lambda step: False))
-        if interval > 1:
+        if interval > 1 or config.plan_self_attn_interval > 1:
             handle.swap_attr(attn1, "forward", gate.cached(
-                ("self", name), attn1.forward, lambda step: step % interval == 0))
+                ("self", name), attn1.forward,
+                lambda step: interval <= 1 or step % interval == 0,
+                lambda step: plan_action(step, config)))
     handle.on_remove(gate.clear)
     return handle
