@@ -10,20 +10,12 @@ from tests.methods.contract import MethodContract
 from tests.methods.dit_fixtures import count_calls, generate_latents, on_model, pipe_kwargs
 
 
-class TestFBCache(MethodContract):
-    """First Block Cache on DiT's blocks (tiny-dit)."""
+class FBCacheContract(MethodContract):
+    """First Block Cache on a transformer's blocks."""
 
     method = "fbcache"
     identity_params = {"threshold": 0.0}
     active_params = {"threshold": 10.0}  # every call after the first full one skips
-
-    @pytest.fixture()
-    def tiny_pipe(self, dit_pipe):
-        return dit_pipe
-
-    @pytest.fixture()
-    def tiny_spec(self, dit_spec):
-        return dit_spec
 
     def test_skipped_calls_run_only_the_first_block(self, tiny_pipe, tiny_spec):
         blocks = dict(enumerate(tiny_pipe.transformer.transformer_blocks))
@@ -35,8 +27,8 @@ class TestFBCache(MethodContract):
         assert counts[0] == 6 and all(counts[i] == 1 for i in blocks if i > 0)
 
 
-for prefix in ("sd3", "flux", "tiny_sd3", "pixart"):
-    globals()[f"TestFBCacheOn{prefix.title().replace('_', '')}"] = on_model(TestFBCache, prefix)
+for prefix in ("dit", "sd3", "flux", "tiny_sd3", "pixart"):
+    globals()[f"TestFBCacheOn{prefix.title().replace('_', '')}"] = on_model(FBCacheContract, prefix)
 
 
 def test_relative_change_by_hand():
