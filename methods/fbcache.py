@@ -69,14 +69,10 @@ class FirstBlockCache(GenerationCache):
     def __init__(self, ctx: StepContext, threshold: float):
         super().__init__(ctx)
         self.threshold = threshold
-        self.call, self.last = 0, (-1, -1)
 
     def before_denoiser(self, module: Any, args: tuple, kwargs: dict) -> None:
         """Denoiser pre-hook: a new generation clears the states; count calls within a step."""
-        self.new_generation()
-        now = (self.ctx.generation, self.ctx.step)
-        self.call = self.call + 1 if now == self.last else 0
-        self.last = now
+        self.begin_call()
 
     def state(self) -> _CallState:
         return self.store.setdefault(self.call, _CallState())

@@ -198,9 +198,9 @@ def phase_prepare(cell: Cell, mspec: Any, pipe: Any,
     from harness.prepare import ArtifactCache, PrepareData, prepare_artifacts, train_seconds
 
     texts = tuple(load_prompts(cell.prompts).texts)
+    model = MODELS.get(cell.model)
     data = PrepareData(model=f"{cell.model}@{cell.weights}", prompts=texts, seed=cell.seed,
-                       device=cell.device, dataset=MODELS.get(cell.model).dataset,
-                       call_kwargs=model_call(MODELS.get(cell.model)))
+                       device=cell.device, dataset=model.dataset, call_kwargs=model_call(model))
     cache = ArtifactCache()
     artifacts = prepare_artifacts(mspec, pipe, method_config, data, cache)
     seconds = train_seconds(mspec, method_config, data, cache)

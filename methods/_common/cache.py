@@ -24,6 +24,7 @@ class GenerationCache:
         self.ctx = ctx
         self.store: dict[Any, Any] = {}
         self.generation: int | None = None
+        self.call, self.last = 0, (-1, -1)  # call index within the step; (generation, step)
 
     def new_generation(self) -> bool:
         """Clear the cache when this call starts a generation; whether it did."""
@@ -32,6 +33,15 @@ class GenerationCache:
         self.clear()
         self.generation = self.ctx.generation
         return True
+
+    def begin_call(self) -> int:
+        """Start one denoiser call: clear on a new generation; the call's index within its
+        step (classifier-free guidance may split a step into several calls)."""
+        self.new_generation()
+        now = (self.ctx.generation, self.ctx.step)
+        self.call = self.call + 1 if now == self.last else 0
+        self.last = now
+        return self.call
 
     def clear(self) -> None:
         self.store.clear()
@@ -52,15 +62,11 @@ class StepCache(GenerationCache):
         super().__init__(ctx)
         self.is_key, self.input_name = is_key, input_name
         self.shape: dict[int, torch.Size] = {}
-        self.call, self.last = 0, (-1, -1)  # call index within the step; (generation, step)
         self.reuse = self.keep = False
 
     def begin(self, sample: torch.Tensor) -> None:
         """Bookkeeping of one denoiser call on input `sample`."""
-        self.new_generation()
-        now = (self.ctx.generation, self.ctx.step)
-        self.call = self.call + 1 if now == self.last else 0
-        self.last = now
+        self.begin_call()
         step, total = self.ctx.step, self.ctx.num_steps
         driven = 0 <= step < total  # a call outside StepContext.generate: never reuse
         self.reuse = (driven and not self.is_key(step, total)
