@@ -106,7 +106,8 @@ class MethodHandle:
     restored exactly, absence included) and `add_hook` (torch hook handles).
     `call_kwargs` are pipeline-call arguments the method sets (e.g. the step count);
     `report` holds values the method states about itself (bits, weight bytes), which become
-    leaderboard columns of the cell.
+    leaderboard columns of the cell; `stats` holds counters the method updates while it runs
+    (an adaptive cache's calls and skips), read into the cell's columns after its images.
     """
 
     def __init__(self, pipe: Any, name: str, config: Any):
@@ -118,6 +119,7 @@ class MethodHandle:
         self.pipe, self.name, self.config = pipe, name, config
         self.call_kwargs: dict[str, Any] = {}
         self.report: dict[str, float | int | str] = {}  # leaderboard columns (e.g. weight_bits)
+        self.stats: dict[str, int] = {}  # counters updated while applied (e.g. cache_skips)
         self._undo: list[Callable[[], None]] = []
         self._removed = False
 

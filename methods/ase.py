@@ -31,7 +31,7 @@ classifier-free guidance is trained at reduced depth too.
 Transformer denoisers (DiT, PixArt, SD3 / SD3.5 MMDiT, FLUX; the paper's DiT setting): the
 units are the last blocks, last first (FLUX: its last single-stream blocks), skipped by passing
 their token streams through (methods/_common/blocks.py), the schedule read from the call's
-timestep as on the UNet (FLUX pipelines pass t / 1000: scaled back, `CALL_TIMESTEP_UNIT`).
+timestep as on the UNet (FLUX pipelines pass t / 1000: scaled back, `calls.call_unit`).
 Fine-tuning distils the full-depth model (`target = "teacher"` is required: the epsilon loss
 needs inputs a transformer pipeline builds itself): the unchanged pipeline runs its own call on
 the first `data_size` prompts (cycled) for `data_steps` steps (methods/_common/calls.py), and
@@ -62,11 +62,9 @@ from methods._common import pool as pools
 from methods._common import training as finetune
 from methods._common import unet as U
 from methods._common.blocks import denoiser_blocks, passthrough
-from methods._common.calls import Call, record_calls, replay_loss
+from methods._common.calls import Call, call_unit, record_calls, replay_loss
 
 TABLE = "ase.drop_table"  # artifact key: units skipped at each training timestep
-# timestep units of a transformer's calls, by class: FLUX pipelines pass t / 1000
-CALL_TIMESTEP_UNIT = {"FluxTransformer2DModel": 1000.0}
 # time / timestep embedders, frozen in fine-tuning (UNet; SD3 and FLUX; PixArt; DiT's blocks)
 FROZEN = ("time_embedding.", "time_text_embed.", "adaln_single.", "timestep_embedder.")
 
@@ -123,11 +121,6 @@ def check_units(pipe: Any, config: ASEConfig) -> tuple[str, Any, list[U.Unit]]:
         raise DiffbenchError(f"ase.drop_max={config.drop_max} is out of range for this {what}; "
                              f"allowed [0, {high}]")
     return what, denoiser, units[:config.drop_max]
-
-
-def call_unit(denoiser: Any) -> float:
-    """What a call's timestep is multiplied by to be a training timestep (FLUX: 1000)."""
-    return CALL_TIMESTEP_UNIT.get(type(denoiser).__name__, 1.0)
 
 
 class ExitDepth:

@@ -12,7 +12,10 @@ start afresh with every generation (the first call always computes). `threshold 
 skips (the identity setting). Blocks in forward order as methods/_common/blocks.py gives them
 (FLUX: double, then single blocks; the last single block is the tail). ParaAttention's FLUX
 recommendation is 0.08 ("rdt"), diffusers' default 0.05. Inference only; a skip is data
-dependent, so FLOPs and speed vary with the prompt and the model's weights.
+dependent, so FLOPs and speed vary with the prompt and the model's weights. `rate` > 0 replaces
+the decision by a fixed schedule skipping that share of the steps (first and last computed),
+for speed rows on random weights, whose residuals do not change like a trained model's; the
+handle's stats count the calls and the skipped ones (`cache_calls`, `cache_skips` columns).
 """
 
 from __future__ import annotations
@@ -25,8 +28,8 @@ import torch
 from harness.method import MethodHandle, register_method
 from harness.params import param
 from harness.steps import StepContext
-from methods._common.blocks import Block, denoiser_blocks, passthrough
-from methods._common.cache import GenerationCache
+from methods._common.blocks import Block, add_stream, denoiser_blocks, passthrough, sub_stream
+from methods._common.cache import GenerationCache, fixed_rate_computes, relative_l1
 
 
 @register_method("fbcache", touches=("transformer.blocks",))
@@ -37,6 +40,9 @@ class FBCacheConfig:
     threshold: float = param(0.08, "skip the other blocks when mean|r - r'| / mean|r'| of the "
                              "first block's residual is at most this (0 = never skip)",
                              low=0.0, high=100.0)
+    rate: float = param(0.0, "0: decide by the threshold (the paper); in (0, 1): skip this share "
+                        "of the steps on a fixed schedule instead (random-weight speed rows)",
+                        low=0.0, high=0.99)
 
 
 @dataclass
@@ -50,25 +56,21 @@ class _CallState:
     skip: bool = False
 
 
-def relative_change(residual: torch.Tensor, previous: torch.Tensor) -> float:
-    """mean|r - r'| / mean|r'|: the decision statistic (ParaAttention, diffusers' FBCache)."""
-    return ((residual - previous).abs().mean() / previous.abs().mean()).item()
-
-
-def _add(a: Any, b: Any) -> Any:
-    return a if a is None or b is None else a + b
-
-
-def _sub(a: Any, b: Any) -> Any:
-    return None if a is None or b is None else a - b
-
-
 class FirstBlockCache(GenerationCache):
     """The per-generation, per-call decision and what a skip returns."""
 
-    def __init__(self, ctx: StepContext, threshold: float):
+    def __init__(self, ctx: StepContext, config: FBCacheConfig, stats: dict[str, int]):
         super().__init__(ctx)
-        self.threshold = threshold
+        self.threshold, self.rate, self.stats = config.threshold, config.rate, stats
+
+    def decide(self, residual: torch.Tensor, st: _CallState) -> bool:
+        """Whether this call skips the other blocks (a full call must have come before)."""
+        prev = st.head_residual
+        if prev is None or st.tail_residual is None or prev.shape != residual.shape:
+            return False
+        if self.rate > 0:
+            return not fixed_rate_computes(self.ctx.step, self.ctx.num_steps, self.rate)
+        return self.threshold > 0 and relative_l1(residual, prev) <= self.threshold
 
     def before_denoiser(self, module: Any, args: tuple, kwargs: dict) -> None:
         """Denoiser pre-hook: a new generation clears the states; count calls within a step."""
@@ -86,13 +88,12 @@ class FirstBlockCache(GenerationCache):
             hidden, encoder = block.outputs(out)
             residual = hidden - hidden_in
             st = self.state()
-            prev = st.head_residual
-            st.skip = (self.threshold > 0 and prev is not None and st.tail_residual is not None
-                       and prev.shape == residual.shape
-                       and relative_change(residual, prev) <= self.threshold)
+            st.skip = self.decide(residual, st)
+            self.stats["cache_calls"] = self.stats.get("cache_calls", 0) + 1
             if st.skip:
+                self.stats["cache_skips"] = self.stats.get("cache_skips", 0) + 1
                 return block.result(hidden + st.tail_residual[0],
-                                    _add(encoder, st.tail_residual[1]))
+                                    add_stream(encoder, st.tail_residual[1]))
             st.head_residual, st.head_out = residual, (hidden, encoder)
             return out
 
@@ -109,7 +110,7 @@ class FirstBlockCache(GenerationCache):
             out = forward(*args, **kwargs)
             if tail:
                 hidden, encoder = block.outputs(out)
-                st.tail_residual = (hidden - st.head_out[0], _sub(encoder, st.head_out[1]))
+                st.tail_residual = (hidden - st.head_out[0], sub_stream(encoder, st.head_out[1]))
             return out
 
         return run
@@ -119,9 +120,9 @@ def apply(pipe: Any, config: FBCacheConfig, ctx: StepContext) -> MethodHandle:
     """Wrap the first block (decision), the others (skip) and the last (tail residual)."""
     blocks = denoiser_blocks(pipe, "fbcache")
     handle = MethodHandle(pipe, "fbcache", config)
-    if config.threshold == 0 or len(blocks) < 2:
+    if (config.threshold == 0 and config.rate == 0) or len(blocks) < 2:
         return handle
-    cache = FirstBlockCache(ctx, config.threshold)
+    cache = FirstBlockCache(ctx, config, handle.stats)
     handle.add_hook(pipe.transformer.register_forward_pre_hook(cache.before_denoiser,
                                                                with_kwargs=True))
     head, *others = blocks

@@ -305,7 +305,9 @@ def measure_shard(cell: Cell, config: RunConfig, pipes: PipelineCache, store: Ce
                 observations += rounds
                 report.update(columns)
                 observations.append(phase_profile(run, 1 if cell.compile == "off" else 2))
+            switch.handle.stats.clear()  # counters of the images' calls only
             images = phase_images(run) if batches else torch.zeros(0, dtype=torch.uint8)
+            report.update(switch.handle.stats)
     indices = [i for b in batches for i in b.indices]
     if batches:
         observations.append(images_observation(cell, store, prompts, images, indices))

@@ -93,3 +93,13 @@ def denoiser_blocks(pipe: Any, method: str) -> list[Block]:
 def passthrough(block: Block) -> Any:
     """The (args, kwargs) -> output of `block` skipped: its input streams, unchanged."""
     return lambda args, kwargs: block.result(*block.inputs(args, kwargs))
+
+
+def add_stream(a: Any, b: Any) -> Any:
+    """a + b for a token stream that may be absent (None: SD3's last block has no text out)."""
+    return a if a is None or b is None else a + b
+
+
+def sub_stream(a: Any, b: Any) -> Any:
+    """a - b, or None when either stream is absent."""
+    return None if a is None or b is None else a - b

@@ -96,6 +96,22 @@ class StepCache(GenerationCache):
         self.shape.clear()
 
 
+def relative_l1(now: torch.Tensor, previous: torch.Tensor) -> float:
+    """mean|x - x'| / mean|x'|: the change statistic of First Block Cache (ParaAttention) and
+    TeaCache (arXiv 2411.19108, Eq. 4)."""
+    return ((now - previous).abs().mean() / previous.abs().mean()).item()
+
+
+def fixed_rate_computes(step: int, num_steps: int, rate: float) -> bool:
+    """Whether step `step` computes when a share `rate` of the steps is skipped, evenly spread
+    (the first and the last step always compute): a fixed schedule for an adaptive cache on
+    random weights, whose features do not change like a trained model's."""
+    if step <= 0 or step >= num_steps - 1:
+        return True
+    keep = 1.0 - rate
+    return int(step * keep) > int((step - 1) * keep)
+
+
 def cached_forward(cache: StepCache, key: Any, forward: Callable[..., Any]) -> Callable[..., Any]:
     """A module forward that returns its cached output on reuse steps and stores it for them."""
 

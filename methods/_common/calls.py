@@ -28,6 +28,14 @@ CALL_BATCH = 8  # prompts per recorded pipeline call
 # every other argument (RoPE ids, attention kwargs) is shared by all rows of a call
 BATCHED = ("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep",
            "guidance", "class_labels", "encoder_attention_mask")
+# what a call's timestep is multiplied by to be a scheduler timestep (0..1000), by denoiser
+# class: FLUX pipelines pass t / 1000
+CALL_TIMESTEP_UNIT = {"FluxTransformer2DModel": 1000.0}
+
+
+def call_unit(denoiser: Any) -> float:
+    """What a call's timestep is multiplied by to be a scheduler timestep (FLUX: 1000)."""
+    return CALL_TIMESTEP_UNIT.get(type(denoiser).__name__, 1.0)
 
 
 class Call(NamedTuple):

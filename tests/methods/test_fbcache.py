@@ -5,7 +5,7 @@ import torch
 
 from harness.method import METHODS
 from harness.steps import StepContext
-from methods.fbcache import relative_change
+from methods._common.cache import relative_l1
 from tests.methods.contract import MethodContract
 from tests.methods.dit_fixtures import count_calls, generate_latents, on_model, pipe_kwargs
 
@@ -33,7 +33,7 @@ for prefix in ("dit", "sd3", "flux", "tiny_sd3", "pixart"):
 
 def test_relative_change_by_hand():
     prev = torch.tensor([1.0, -1.0, 2.0, -2.0])
-    assert relative_change(prev + torch.tensor([0.3, 0.0, 0.0, -0.3]), prev) == pytest.approx(0.1)
+    assert relative_l1(prev + torch.tensor([0.3, 0.0, 0.0, -0.3]), prev) == pytest.approx(0.1)
 
 
 @pytest.mark.parametrize("threshold", [0.05, 0.3, 10.0])
