@@ -51,6 +51,7 @@ from harness.errors import DiffbenchError
 from harness.method import MethodHandle, register_method
 from harness.params import param
 from harness.steps import StepContext
+from methods._common.attention_cache import schedule_timesteps
 from methods._common.blocks import Block, denoiser_blocks
 from methods._common.cache import GenerationCache
 
@@ -80,9 +81,9 @@ def _fields(config: Any, drop: tuple[str, ...] = (), **changes: Any) -> dict[str
 
 
 def scheduler_timestep(pipe: Any, ctx: StepContext) -> float:
-    """The scheduler's timestep of the step in progress (0..1000 units)."""
-    timesteps = pipe.scheduler.timesteps
-    return float(timesteps[min(max(ctx.step, 0), len(timesteps) - 1)])
+    """The scheduler's timestep of the step in progress (0..1000 units; real under fake tensors)."""
+    timesteps = schedule_timesteps(pipe)
+    return timesteps[min(max(ctx.step, 0), len(timesteps) - 1)]
 
 
 class DiffusersHook:

@@ -145,9 +145,9 @@ def _with_sample(output: Any, sample: torch.Tensor) -> Any:
 class FasterCache(TimestepCache):
     """Per-call caches: each attention layer's last two computed outputs, the CFG differences."""
 
-    def __init__(self, ctx: StepContext, denoiser: Any, config: FasterCacheConfig,
+    def __init__(self, ctx: StepContext, pipe: Any, config: FasterCacheConfig,
                  uncond: int | None):
-        super().__init__(ctx, denoiser)
+        super().__init__(ctx, pipe)
         self.config, self.uncond = config, uncond  # uncond: its half of the CFG batch, or None
         self.halved = False  # this call runs the conditional half alone
         self.batch = 0  # the batch the pipeline called the denoiser with
@@ -245,7 +245,7 @@ def apply(pipe: Any, config: FasterCacheConfig, ctx: StepContext) -> MethodHandl
     cfg = uncond is not None and config.uncond_skip_range > 1
     if config.attention_skip_range == 1 and not cfg:
         return handle  # nothing is ever skipped: the unchanged pipeline
-    cache = FasterCache(ctx, pipe.transformer, config, uncond)
+    cache = FasterCache(ctx, pipe, config, uncond)
     # prepend: other methods' denoiser hooks see the halved batch and the rebuilt output
     handle.add_hook(pipe.transformer.register_forward_pre_hook(
         cache.before_denoiser, with_kwargs=True, prepend=True))

@@ -14,8 +14,8 @@ the range it is always computed. Counting follows the reference code (VideoSys
 range starts) broadcasts when low < t < high and s % k != 0, and every computed output, inside
 the range or not, is the one reused. Both count a layer's calls, which is the step index when
 the denoiser runs once per step (the CFG batch is one call); ours counts steps and keeps
-outputs per denoiser call within the step. t is the scheduler's timestep the denoiser is called
-with (FLUX's t / 1000 scaled back, methods/_common/attention_cache.py). Roles: self-attention
+outputs per denoiser call within the step. t is the scheduler's timestep of the step
+(methods/_common/attention_cache.py). Roles: self-attention
 (DiT and PixArt attn1, SD3's joint attention `attn` and SD3.5's second self-attention `attn2`,
 FLUX's double- and single-block `attn`) takes the "spatial" range, a layer with
 `is_cross_attention` (PixArt's attn2) the "cross" range; video models' temporal attention has
@@ -121,7 +121,7 @@ def apply(pipe: Any, config: PABConfig, ctx: StepContext) -> MethodHandle:
     active = [(key, ranges[role], layer) for key, role, layer in layers if ranges[role].every > 1]
     if not active:
         return handle  # every layer computes at every step: the unchanged pipeline
-    cache = PyramidBroadcast(ctx, pipe.transformer)
+    cache = PyramidBroadcast(ctx, pipe)
     handle.add_hook(pipe.transformer.register_forward_pre_hook(cache.before_denoiser,
                                                                with_kwargs=True))
     for key, broadcast, layer in active:

@@ -146,7 +146,7 @@ class _CallState:
 class TeaCache(GenerationCache):
     """The per-generation, per-call decision and what a skip returns."""
 
-    def __init__(self, ctx: StepContext, config: TeaCacheConfig, poly: torch.Tensor,
+    def __init__(self, ctx: StepContext, config: TeaCacheConfig, poly: torch.Tensor | None,
                  modulated: ModulatedInput, stats: dict[str, int]):
         super().__init__(ctx)
         self.config, self.poly, self.modulated, self.stats = config, poly, modulated, stats
@@ -206,9 +206,14 @@ class TeaCache(GenerationCache):
         return run
 
 
+def fits(config: TeaCacheConfig) -> bool:
+    """Whether prepare fits P: not for the published one, nor on a fixed schedule (no P)."""
+    return config.coefficients == "fit" and config.rate == 0
+
+
 def training_prompts(config: TeaCacheConfig, data: PrepareData) -> tuple[str, ...]:
-    """The fitting prompts (none for the published polynomial)."""
-    if config.coefficients != "fit":
+    """The fitting prompts (none for the published polynomial or a fixed schedule)."""
+    if not fits(config):
         return ()
     return tuple(calibration_texts(data.prompts, config.calib_prompts))
 
@@ -250,8 +255,9 @@ def fit_pairs(pipe: Any, config: TeaCacheConfig, data: PrepareData) -> tuple[lis
 
 
 def prepare(pipe: Any, config: TeaCacheConfig, data: PrepareData) -> dict[str, torch.Tensor]:
-    """P's coefficients: fitted on the model's own trajectories, or FLUX.1-dev's."""
-    if config.coefficients == "flux-dev":
+    """P's coefficients: fitted on the model's own trajectories, or FLUX.1-dev's (also stored,
+    unused, on a fixed schedule)."""
+    if not fits(config):
         return {POLY: torch.tensor(FLUX_DEV, dtype=torch.float64)}
     xs, ys = fit_pairs(pipe, config, data)
     if len(xs) <= DEGREE:
@@ -269,7 +275,9 @@ def apply(pipe: Any, config: TeaCacheConfig, ctx: StepContext,
     handle = MethodHandle(pipe, "teacache", config)
     if (config.threshold == 0 and config.rate == 0) or len(blocks) < 2:
         return handle
-    cache = TeaCache(ctx, config, artifact[POLY], modulated, handle.stats)
+    if config.rate == 0 and POLY not in artifact:
+        raise DiffbenchError("teacache needs its rescaling polynomial (prepare's artifact)")
+    cache = TeaCache(ctx, config, artifact.get(POLY), modulated, handle.stats)
     handle.add_hook(pipe.transformer.register_forward_pre_hook(cache.before_denoiser,
                                                                with_kwargs=True))
     head, *others = blocks

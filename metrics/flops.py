@@ -21,6 +21,9 @@ aten = torch.ops.aten
 _ATTENTION_FORWARD = ("_scaled_dot_product_flash_attention_for_cpu",
                       "_scaled_dot_product_fused_attention_overrideable")
 _ATTENTION_BACKWARD = tuple(name + "_backward" for name in _ATTENTION_FORWARD)
+# Matmuls it does not know either: the int8 x int8 -> int32 matmul of torchao's dynamic int8
+# activations (Int8DynamicActivationInt8WeightConfig), counted like mm (2*M*N*K).
+_MATMUL = ("_int_mm",)
 
 
 def _attention_forward(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
@@ -35,10 +38,17 @@ def _attention_backward(grad_out_shape, query_shape, key_shape, value_shape, *ar
                                                  value_shape)
 
 
+def _matmul(a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
+    """(M, K) x (K, N) matmul FLOPs: 2*M*N*K, torch.utils.flop_counter.mm_flop."""
+    return flop_counter.mm_flop(a_shape, b_shape)
+
+
 def register_attention_formulas() -> None:
-    """Register the missing fused-attention formulas once (idempotent; skips ops torch lacks)."""
+    """Register the missing formulas once: fused attention and torch._int_mm (idempotent;
+    skips ops torch lacks or already counts, so a torch that learns them keeps its own)."""
     for names, formula in ((_ATTENTION_FORWARD, _attention_forward),
-                           (_ATTENTION_BACKWARD, _attention_backward)):
+                           (_ATTENTION_BACKWARD, _attention_backward),
+                           (_MATMUL, _matmul)):
         ops = [getattr(aten, name) for name in names if hasattr(aten, name)]
         missing = [op for op in ops if op not in flop_counter.flop_registry]
         if missing:
@@ -46,7 +56,8 @@ def register_attention_formulas() -> None:
 
 
 def count_flops(fn: Callable[[], Any]) -> int:
-    """FLOPs of `fn()` (matmul / conv / attention; elementwise ops count 0), run for real."""
+    """FLOPs of `fn()` (matmul, torch._int_mm too / conv / attention; elementwise ops count 0),
+    run for real."""
     register_attention_formulas()
     with flop_counter.FlopCounterMode(display=False) as counter:
         fn()

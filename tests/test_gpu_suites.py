@@ -20,7 +20,8 @@ every cell:
     baseline at the cell's real step count. Baseline FLOPs are affine in the step count (every
     step has the same shapes), so two counts give the baseline at any step count exactly.
     Methods that skip compute must count fewer FLOPs than the baseline, SAME_COMPUTE methods
-    (weight edits, feature scaling) exactly as many. Training methods get arch_flops'
+    (weight edits, feature scaling, quantised weights) exactly as many; GPU_ONLY cells (fp8
+    matmuls) must be refused on the CPU in one line. Training methods get arch_flops'
     `structural_artifacts` (their trained weights' structure: training itself reads its losses
     with .item(), which fake tensors cannot answer).
 (b) A generation of every cell on CPU at a tiny size: the suite loaded with
@@ -48,6 +49,7 @@ import pytest
 import torch
 
 from benchmarks.arch_flops import cell_flops, fake_pipeline
+from harness.errors import DiffbenchError
 from harness.models import MODELS, resolve_dtype
 from harness.prepare import ArtifactCache, PrepareData, prepare_artifacts
 from harness.prompts import load_prompts, looks_like_path
@@ -65,7 +67,15 @@ def _device(path: Path) -> str:
 GPU_SUITES = sorted(p.stem for p in SUITES_DIR.glob("*.toml") if _device(p).startswith("cuda"))
 STEPS = 4  # deepcache / frdiff / fora (interval 3) reuse twice, block_drop (until 0.5) drops twice
 STEP_INDEX_PARAMS = ("gate_step", "start_step")  # parameters naming a step: run 2 steps past
-SAME_COMPUTE = frozenset({"baseline", "skip_tuning", "esd", "sdd", "uce"})
+# methods scheduled by timestep ranges (100 < t < 800 ...): 4 steps of a shifted flow schedule
+# (SD3.5: t = 1000, 858, 602, 9) hold one step inside and it is a computed one; 8 hold reuses
+RANGE_METHODS = {"pab": 8, "fastercache": 8, "diffusers-pab": 8, "diffusers-fastercache": 8}
+# the same FLOPs as the baseline: weight edits, feature scaling, quantised weights (torchao's
+# int8 matmuls count as the float ones do)
+SAME_COMPUTE = frozenset({"baseline", "skip_tuning", "esd", "sdd", "uce", "torchao"})
+# cells only a GPU runs (torchao's float8 matmul: compute capability >= 8.9): on CPU both
+# checks assert the method's one-line refusal instead
+GPU_ONLY = {"torchao": ("fp8_weight_only", "fp8_dynamic")}
 # training budgets of the generation check: int parameters of training methods, by name
 TINY_BUDGET = {"steps": 2, "sample_steps": 2, "data_steps": 2, "data_size": 2, "batch_size": 2,
                "upper_every": 1}
@@ -81,6 +91,10 @@ def members(method: str) -> list[str]:
     return [m.name for m in getattr(resolve_method(method), "members", [resolve_method(method)])]
 
 
+def gpu_only(cell: Cell) -> bool:
+    return json.loads(cell.params).get("mode") in GPU_ONLY.get(cell.method, ())
+
+
 def step_indices(params: Any) -> list[int]:
     """Values of STEP_INDEX_PARAMS anywhere in a cell's (possibly nested, stacked) params."""
     if not isinstance(params, dict):
@@ -90,8 +104,10 @@ def step_indices(params: Any) -> list[int]:
 
 
 def counted_steps(cell: Cell, at_most: int | None = None) -> int:
-    """STEPS, or 2 past the cell's last step-index parameter; at most `at_most`."""
-    steps = max([STEPS] + [i + 2 for i in step_indices(json.loads(cell.params))])
+    """STEPS, or 2 past the cell's last step-index parameter, or RANGE_METHODS' count; at most
+    `at_most`."""
+    steps = max([STEPS, RANGE_METHODS.get(cell.method, 0)]
+                + [i + 2 for i in step_indices(json.loads(cell.params))])
     return steps if at_most is None else min(steps, at_most)
 
 
@@ -126,6 +142,10 @@ def test_flops_under_fake_tensors_at_real_size(suite):
             baselines[cell.baseline_key] = AffineBaseline(base_cell, pipe, mode)
         baseline = baselines[cell.baseline_key]
         steps = counted_steps(cell, cell.steps)
+        if gpu_only(cell):
+            with pytest.raises(DiffbenchError, match="CUDA GPU"):
+                cell_flops(pipe, cell, mode, steps=steps)
+            continue
         if cell.method == "baseline" and steps == STEPS:
             flops, ran = baseline(steps), steps  # counted above
         else:
@@ -320,6 +340,10 @@ def test_every_cell_generates_at_tiny_size_on_cpu(suite, one_thread):
     first = None
     for cell in config.cells:
         pipe = narrow_model(cell.model)
+        if gpu_only(cell):
+            with pytest.raises(DiffbenchError, match="CUDA GPU"):
+                generate_cell(cell, pipe)
+            continue
         images = generate_cell(cell, pipe)
         assert images.shape == (1, 64, 64, 3) and images.dtype == torch.uint8, cell.method
         if cell.method == "baseline":

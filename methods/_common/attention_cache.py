@@ -2,12 +2,13 @@
 transformer's blocks have and in which role, the timestep of a denoiser call, and the
 per-generation, per-call bookkeeping they share.
 
-Pipelines pass `timestep` to their transformer as a keyword (DiT, PixArt, SD3, FLUX) or as the
-second positional argument, one value per batch row (all equal within a call). FLUX pipelines
-pass t / 1000: `calls.call_unit` scales it back to the scheduler's 0..1000 (the value can
-differ from the scheduler's t in the last float bits). A range (low, high) holds t when
-low < t < high, strictly, as in PAB's reference code (VideoSys `pab_mgr`) and diffusers' PAB and
-FasterCache hooks.
+The timestep of a denoiser call is the scheduler's: `scheduler.timesteps[step]` at the
+runner's step (0..1000 on every scheduler here, flow models' 1000 sigma included; FLUX pipelines
+pass their transformer t / 1000, which this reading does not depend on), so the value exists
+without reading a tensor the call got (under fake tensors, FLOP counting at real size, the
+call's tensors have no values; the scheduler's timesteps are real, metrics/flops.py). A range
+(low, high) holds t when low < t < high, strictly, as in PAB's reference code (VideoSys
+`pab_mgr`) and diffusers' PAB and FasterCache hooks.
 """
 
 from __future__ import annotations
@@ -20,16 +21,12 @@ from harness.errors import DiffbenchError
 from harness.steps import StepContext
 from methods._common.blocks import Block
 from methods._common.cache import GenerationCache
-from methods._common.calls import call_unit
 
 
-def call_timestep(denoiser: Any, args: tuple, kwargs: dict) -> float | None:
-    """The timestep of this call of `denoiser` (its first batch row), or None when it has none."""
-    t = kwargs["timestep"] if "timestep" in kwargs else (args[1] if len(args) > 1 else None)
-    if t is None:
-        return None
-    value = float(torch.as_tensor(t).detach().reshape(-1)[0].item())
-    return value * call_unit(denoiser)
+def schedule_timesteps(pipe: Any) -> list[float]:
+    """The scheduler's timesteps as floats (`tolist`: real values even inside a fake mode)."""
+    timesteps = getattr(pipe.scheduler, "timesteps", None)
+    return [] if timesteps is None else [float(t) for t in timesteps.tolist()]
 
 
 def within(t: float | None, low: float, high: float) -> bool:
@@ -70,14 +67,18 @@ class TimestepCache(GenerationCache):
     the step (`call`), its timestep (`t`) and whether the runner drives it (`driven`: a call
     outside StepContext.generate never reads or fills the cache)."""
 
-    def __init__(self, ctx: StepContext, denoiser: Any):
+    def __init__(self, ctx: StepContext, pipe: Any):
         super().__init__(ctx)
-        self.denoiser = denoiser
+        self.pipe = pipe
         self.t: float | None = None
         self.driven = False
+        self.timesteps: list[float] = []  # the generation's schedule, read at its first call
 
     def before_denoiser(self, module: Any, args: tuple, kwargs: dict) -> None:
         """Denoiser forward pre-hook (with_kwargs): the call's bookkeeping."""
+        if self.new_generation():
+            self.timesteps = schedule_timesteps(self.pipe)
         self.begin_call()
-        self.t = call_timestep(self.denoiser, args, kwargs)
-        self.driven = 0 <= self.ctx.step < self.ctx.num_steps
+        step = self.ctx.step
+        self.driven = 0 <= step < self.ctx.num_steps
+        self.t = self.timesteps[step] if self.driven and step < len(self.timesteps) else None

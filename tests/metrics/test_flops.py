@@ -1,4 +1,4 @@
-"""FLOP counting: analytic counts, CPU SDPA, fake tensors equal to real on a whole pipeline."""
+"""FLOP counting: analytic counts, CPU SDPA, int8 matmuls, fake tensors equal to real."""
 
 from __future__ import annotations
 
@@ -38,6 +38,32 @@ def test_cpu_sdpa_counted_like_explicit_attention():
     assert fused == explicit == 2 * 2 * 4 * 16 * 24 * (8 + 8)
     register_attention_formulas()  # idempotent
     assert torch.ops.aten._scaled_dot_product_flash_attention_for_cpu in flop_counter.flop_registry
+
+
+def test_int_mm_counted_like_mm():
+    # M > 16 and K, N multiples of 8: the shapes torch._int_mm takes on every backend (CUDA)
+    m, k, n = 32, 24, 40
+    a = torch.randint(-128, 128, (m, k), dtype=torch.int8)
+    b = torch.randint(-128, 128, (k, n), dtype=torch.int8)
+    assert count_flops(lambda: torch._int_mm(a, b)) == 2 * m * n * k
+    assert count_flops_fake(lambda: torch._int_mm(a, b)) == 2 * m * n * k
+    assert count_flops(lambda: a.float() @ b.float()) == 2 * m * n * k
+    assert torch.ops.aten._int_mm in flop_counter.flop_registry
+
+
+def test_torchao_int8_dynamic_counts_like_float():
+    pytest.importorskip("torchao", reason="torchao is not installed (pip install torchao)")
+    from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 128), nn.GELU(), nn.Linear(128, 32))
+    x = torch.randn(2, 24, 64)
+    float_flops = count_flops(lambda: model(x))
+    quantize_(model, Int8DynamicActivationInt8WeightConfig(set_inductor_config=False))
+    assert type(model[0].weight) is not nn.Parameter  # torchao's int8 tensor subclass
+    quant_flops = count_flops(lambda: model(x))
+    assert float_flops == 2 * 2 * 24 * (64 * 128 + 128 * 32)
+    assert quant_flops == pytest.approx(float_flops, rel=0.01)
 
 
 def test_fake_mode_allocates_nothing():
