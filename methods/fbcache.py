@@ -28,8 +28,9 @@ import torch
 from harness.method import MethodHandle, register_method
 from harness.params import param
 from harness.steps import StepContext
-from methods._common.blocks import Block, add_stream, denoiser_blocks, passthrough, sub_stream
-from methods._common.cache import GenerationCache, fixed_rate_computes, relative_l1
+from methods._common.block_skip import BlockSkip, SkipState
+from methods._common.blocks import Block, add_stream, denoiser_blocks
+from methods._common.cache import fixed_rate_computes, relative_l1
 
 
 @register_method("fbcache", touches=("transformer.blocks",))
@@ -46,41 +47,33 @@ class FBCacheConfig:
 
 
 @dataclass
-class _CallState:
-    """What the last full call of this call index left: first-block residual and output, and
-    the remaining blocks' residual per stream."""
+class _CallState(SkipState):
+    """Per call index, besides the skip state (`base`: the first block's output streams on the
+    last full call): that call's first-block residual."""
 
     head_residual: torch.Tensor | None = None
-    head_out: tuple[Any, Any] = (None, None)
-    tail_residual: tuple[Any, Any] | None = None
-    skip: bool = False
 
 
-class FirstBlockCache(GenerationCache):
+class FirstBlockCache(BlockSkip):
     """The per-generation, per-call decision and what a skip returns."""
 
+    state_cls = _CallState
+
     def __init__(self, ctx: StepContext, config: FBCacheConfig, stats: dict[str, int]):
-        super().__init__(ctx)
-        self.threshold, self.rate, self.stats = config.threshold, config.rate, stats
+        super().__init__(ctx, stats)
+        self.threshold, self.rate = config.threshold, config.rate
 
     def decide(self, residual: torch.Tensor, st: _CallState) -> bool:
         """Whether this call skips the other blocks (a full call must have come before)."""
         prev = st.head_residual
-        if prev is None or st.tail_residual is None or prev.shape != residual.shape:
+        if prev is None or st.residual is None or prev.shape != residual.shape:
             return False
         if self.rate > 0:
             return not fixed_rate_computes(self.ctx.step, self.ctx.num_steps, self.rate)
         return self.threshold > 0 and relative_l1(residual, prev) <= self.threshold
 
-    def before_denoiser(self, module: Any, args: tuple, kwargs: dict) -> None:
-        """Denoiser pre-hook: a new generation clears the states; count calls within a step."""
-        self.begin_call()
-
-    def state(self) -> _CallState:
-        return self.store.setdefault(self.call, _CallState())
-
     def head(self, block: Block, forward: Any) -> Any:
-        """The first block: run it, decide, and on a skip add the cached tail residual."""
+        """The first block: run it, decide, and on a skip add the cached residual."""
 
         def run(*args: Any, **kwargs: Any) -> Any:
             out = forward(*args, **kwargs)
@@ -89,28 +82,10 @@ class FirstBlockCache(GenerationCache):
             residual = hidden - hidden_in
             st = self.state()
             st.skip = self.decide(residual, st)
-            self.stats["cache_calls"] = self.stats.get("cache_calls", 0) + 1
+            self.count(st.skip)
             if st.skip:
-                self.stats["cache_skips"] = self.stats.get("cache_skips", 0) + 1
-                return block.result(hidden + st.tail_residual[0],
-                                    add_stream(encoder, st.tail_residual[1]))
-            st.head_residual, st.head_out = residual, (hidden, encoder)
-            return out
-
-        return run
-
-    def rest(self, block: Block, forward: Any, tail: bool) -> Any:
-        """Any later block: its input streams on a skip; the tail stores the residual."""
-        skipped = passthrough(block)
-
-        def run(*args: Any, **kwargs: Any) -> Any:
-            st = self.state()
-            if st.skip:
-                return skipped(args, kwargs)
-            out = forward(*args, **kwargs)
-            if tail:
-                hidden, encoder = block.outputs(out)
-                st.tail_residual = (hidden - st.head_out[0], sub_stream(encoder, st.head_out[1]))
+                return block.result(hidden + st.residual[0], add_stream(encoder, st.residual[1]))
+            st.head_residual, st.base = residual, (hidden, encoder)
             return out
 
         return run
@@ -122,13 +97,5 @@ def apply(pipe: Any, config: FBCacheConfig, ctx: StepContext) -> MethodHandle:
     handle = MethodHandle(pipe, "fbcache", config)
     if (config.threshold == 0 and config.rate == 0) or len(blocks) < 2:
         return handle
-    cache = FirstBlockCache(ctx, config, handle.stats)
-    handle.add_hook(pipe.transformer.register_forward_pre_hook(cache.before_denoiser,
-                                                               with_kwargs=True))
-    head, *others = blocks
-    handle.swap_attr(head.module, "forward", cache.head(head, head.module.forward))
-    for i, b in enumerate(others):
-        handle.swap_attr(b.module, "forward",
-                         cache.rest(b, b.module.forward, tail=i == len(others) - 1))
-    handle.on_remove(cache.clear)
+    FirstBlockCache(ctx, config, handle.stats).install(handle, pipe, blocks)
     return handle

@@ -37,7 +37,8 @@ from harness.method import MethodHandle, register_method
 from harness.params import param
 from harness.prepare import PrepareData
 from harness.steps import StepContext
-from methods._common.blocks import Block, add_stream, denoiser_blocks, passthrough, sub_stream
+from methods._common.block_skip import BlockSkip, SkipState
+from methods._common.blocks import Block, add_stream, denoiser_blocks
 from methods._common.cache import GenerationCache, fixed_rate_computes, relative_l1
 from methods._common.calls import first_output, record_calls
 from methods._common.quant_train import calibration_texts
@@ -132,30 +133,23 @@ def row_changes(now: torch.Tensor, previous: torch.Tensor) -> list[float]:
 
 
 @dataclass
-class _CallState:
-    """Per call index: the previous modulated input, the accumulated estimate, the blocks'
-    residual per stream on the last computed call, and whether this call skips."""
+class _CallState(SkipState):
+    """Per call index, besides the skip state (`base`: the first block's input streams on the
+    last full call): the previous call's modulated input and the accumulated estimate."""
 
     previous: torch.Tensor | None = None
     accumulated: float = 0.0
-    residual: tuple[Any, Any] | None = None
-    first_in: tuple[Any, Any] = (None, None)
-    skip: bool = False
 
 
-class TeaCache(GenerationCache):
+class TeaCache(BlockSkip):
     """The per-generation, per-call decision and what a skip returns."""
+
+    state_cls = _CallState
 
     def __init__(self, ctx: StepContext, config: TeaCacheConfig, poly: torch.Tensor | None,
                  modulated: ModulatedInput, stats: dict[str, int]):
-        super().__init__(ctx)
-        self.config, self.poly, self.modulated, self.stats = config, poly, modulated, stats
-
-    def before_denoiser(self, module: Any, args: tuple, kwargs: dict) -> None:
-        self.begin_call()
-
-    def state(self) -> _CallState:
-        return self.store.setdefault(self.call, _CallState())
+        super().__init__(ctx, stats)
+        self.config, self.poly, self.modulated = config, poly, modulated
 
     def decide(self, st: _CallState, now: torch.Tensor) -> bool:
         """Accumulate P(change); skip while below the threshold (first / last step compute)."""
@@ -179,29 +173,12 @@ class TeaCache(GenerationCache):
         def run(*args: Any, **kwargs: Any) -> Any:
             st = self.state()
             st.skip = self.decide(st, self.modulated(args, kwargs))
-            self.stats["cache_calls"] = self.stats.get("cache_calls", 0) + 1
+            self.count(st.skip)
             hidden, encoder = block.inputs(args, kwargs)
             if st.skip:
-                self.stats["cache_skips"] = self.stats.get("cache_skips", 0) + 1
                 return block.result(hidden + st.residual[0], add_stream(encoder, st.residual[1]))
-            st.first_in = (hidden, encoder)
+            st.base = (hidden, encoder)
             return forward(*args, **kwargs)
-
-        return run
-
-    def rest(self, block: Block, forward: Any, tail: bool) -> Any:
-        """A later block: pass its streams through on a skip; the last one stores the residual."""
-        skipped = passthrough(block)
-
-        def run(*args: Any, **kwargs: Any) -> Any:
-            st = self.state()
-            if st.skip:
-                return skipped(args, kwargs)
-            out = forward(*args, **kwargs)
-            if tail:
-                hidden, encoder = block.outputs(out)
-                st.residual = (hidden - st.first_in[0], sub_stream(encoder, st.first_in[1]))
-            return out
 
         return run
 
@@ -277,13 +254,6 @@ def apply(pipe: Any, config: TeaCacheConfig, ctx: StepContext,
         return handle
     if config.rate == 0 and POLY not in artifact:
         raise DiffbenchError("teacache needs its rescaling polynomial (prepare's artifact)")
-    cache = TeaCache(ctx, config, artifact.get(POLY), modulated, handle.stats)
-    handle.add_hook(pipe.transformer.register_forward_pre_hook(cache.before_denoiser,
-                                                               with_kwargs=True))
-    head, *others = blocks
-    handle.swap_attr(head.module, "forward", cache.head(head, head.module.forward))
-    for i, b in enumerate(others):
-        handle.swap_attr(b.module, "forward",
-                         cache.rest(b, b.module.forward, tail=i == len(others) - 1))
-    handle.on_remove(cache.clear)
+    TeaCache(ctx, config, artifact.get(POLY), modulated, handle.stats).install(handle, pipe,
+                                                                               blocks)
     return handle
