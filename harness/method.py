@@ -106,7 +106,8 @@ class MethodHandle:
     restored exactly, absence included) and `add_hook` (torch hook handles).
     `call_kwargs` are pipeline-call arguments the method sets (e.g. the step count);
     `report` holds values the method states about itself (bits, weight bytes), which become
-    leaderboard columns of the cell; `stats` holds counters the method updates while it runs
+    leaderboard columns of the cell (`method_note`: a line for the row's note column instead);
+    `stats` holds counters the method updates while it runs
     (an adaptive cache's calls and skips), read into the cell's columns after its images.
     """
 

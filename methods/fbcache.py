@@ -97,5 +97,8 @@ def apply(pipe: Any, config: FBCacheConfig, ctx: StepContext) -> MethodHandle:
     handle = MethodHandle(pipe, "fbcache", config)
     if (config.threshold == 0 and config.rate == 0) or len(blocks) < 2:
         return handle
+    if config.rate > 0:
+        handle.report["method_note"] = (f"fixed schedule: {config.rate:g} of the steps skipped, "
+                                        "not the threshold's decision")
     FirstBlockCache(ctx, config, handle.stats).install(handle, pipe, blocks)
     return handle

@@ -254,6 +254,9 @@ def apply(pipe: Any, config: TeaCacheConfig, ctx: StepContext,
         return handle
     if config.rate == 0 and POLY not in artifact:
         raise DiffbenchError("teacache needs its rescaling polynomial (prepare's artifact)")
+    if config.rate > 0:
+        handle.report["method_note"] = (f"fixed schedule: {config.rate:g} of the steps skipped, "
+                                        "not the threshold's decision")
     TeaCache(ctx, config, artifact.get(POLY), modulated, handle.stats).install(handle, pipe,
                                                                                blocks)
     return handle

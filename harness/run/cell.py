@@ -330,6 +330,8 @@ def finish_cell(cell: Cell, config: RunConfig, store: CellStore, env: dict[str, 
     random_weights = cell.weights == "none"
     note = ("random weights: quality not measured" if random_weights and spec.has_quality
             else "" if spec.has_quality else "toy model: quality not meaningful")
+    method_note = str(columns.pop("method_note", "") or "")  # what the method says of the row
+    note = "; ".join(n for n in (note, method_note) if n)
     return {"metrics": columns, "effective_steps": shards[0]["effective_steps"],
             "images_sha": images_digest(images.numpy()), "note": note, "shards": len(shards)}
 

@@ -197,3 +197,20 @@ params = { drop_max = 1, steps = 2, batch_size = 2, data_size = 2, data_steps = 
                                                           progress=False))}
     assert again["ase"]["train_s"] == first["ase"]["train_s"]
     assert again["ase"]["images_sha"] == first["ase"]["images_sha"]
+
+
+def test_method_note_and_counters_reach_the_row(tmp_path):
+    """A method's `method_note` joins the row's note (random weights: the fixed schedule said)
+    and its stats become columns counted over the cell's images only."""
+    path = tmp_path / "dit.toml"
+    path.write_text(SUITE.replace('model = "tiny-sd"', 'model = "tiny-dit"').split(
+        "[[methods]]")[0] + """[[methods]]
+name = "fbcache"
+params = { threshold = 0.08, rate = 0.5 }
+""")
+    row, = read_csv(job.run(load_suite(path), tmp_path / "run", progress=False))
+    assert row["status"] == "ok", row["error"]
+    assert row["note"] == ("toy model: quality not meaningful; fixed schedule: 0.5 of the steps "
+                           "skipped, not the threshold's decision")
+    # one batch of 2 images, 6 steps: 6 calls, steps 1 and 3 skip (fixed_rate_computes)
+    assert (row["cache_calls"], row["cache_skips"]) == ("6", "2")
