@@ -31,8 +31,8 @@ the position of the unconditional half; the step's first call) and when the call
 guidance-distilled FLUX (attention reuse only). While the conditional half runs alone, attention
 layers extrapolate from the conditional rows of their cached outputs. Defaults are diffusers':
 k = 2 in (-1, 681), w = 0.5, n = 5 in (-1, 641), alpha 1.1 and 1.1 in (99, 901) and (-1, 301).
-Step s counts from the generation's first step; t is the scheduler's timestep the denoiser is
-called with (methods/_common/attention_cache.py). Caches are kept per denoiser call within a
+Step s counts from the generation's first step; t is the scheduler's timestep of step s
+(methods/_common/attention_cache.py). Caches are kept per denoiser call within a
 step and dropped with every new generation; a call outside the runner's StepContext computes
 everything. k = 1 and n = 1 is the unchanged pipeline.
 """
