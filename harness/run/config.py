@@ -121,8 +121,8 @@ class RunConfig:
     name: str
     cells: tuple[Cell, ...]
     timing: Timing = Timing()
-    metrics: tuple[str, ...] = ("latency", "stages", "memory", "flops", "fd_clip", "clip_score",
-                                "nsfw", "fidelity", "concept")
+    metrics: tuple[str, ...] = ("latency", "stages", "memory", "flops", "fd_clip", "kd_clip",
+                                "cmmd_clip", "clip_score", "nsfw", "fidelity", "concept")
     metric_options: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
 
 

@@ -27,6 +27,8 @@ FORMATS: dict[str, str] = {
     "tflops_achieved": "{:.6f}", "mfu": "{:.6f}",
     "fid": "{:.4f}", "fid_ci_lo": "{:.4f}", "fid_ci_hi": "{:.4f}",
     "fd_clip": "{:.6f}", "fd_clip_ci_lo": "{:.6f}", "fd_clip_ci_hi": "{:.6f}",
+    **{f"{c}{part}": "{:.6g}" for c in ("kid", "kd_clip", "cmmd_clip")
+       for part in ("", "_std", "_ci_lo", "_ci_hi") if (c, part) != ("cmmd_clip", "_std")},
     "clip_score": "{:.4f}", "clip_score_ci_lo": "{:.4f}", "clip_score_ci_hi": "{:.4f}",
     "nsfw_ratio": "{:.4f}", "nsfw_ratio_ci_lo": "{:.4f}", "nsfw_ratio_ci_hi": "{:.4f}",
     "concept_ratio": "{:.4f}", "concept_ratio_ci_lo": "{:.4f}", "concept_ratio_ci_hi": "{:.4f}",
