@@ -28,9 +28,9 @@ import torch
 from harness.method import MethodHandle, register_method
 from harness.params import param
 from harness.steps import StepContext
-from methods._common.block_skip import BlockSkip, SkipState
+from methods._common.block_skip import BlockSkip, SkipState, rate_param
 from methods._common.blocks import Block, add_stream, denoiser_blocks
-from methods._common.cache import fixed_rate_computes, relative_l1
+from methods._common.cache import relative_l1
 
 
 @register_method("fbcache", touches=("transformer.blocks",))
@@ -41,9 +41,7 @@ class FBCacheConfig:
     threshold: float = param(0.08, "skip the other blocks when mean|r - r'| / mean|r'| of the "
                              "first block's residual is at most this (0 = never skip)",
                              low=0.0, high=100.0)
-    rate: float = param(0.0, "0: decide by the threshold (the paper); in (0, 1): skip this share "
-                        "of the steps on a fixed schedule instead (random-weight speed rows)",
-                        low=0.0, high=0.99)
+    rate: float = rate_param()
 
 
 @dataclass
@@ -60,8 +58,8 @@ class FirstBlockCache(BlockSkip):
     state_cls = _CallState
 
     def __init__(self, ctx: StepContext, config: FBCacheConfig, stats: dict[str, int]):
-        super().__init__(ctx, stats)
-        self.threshold, self.rate = config.threshold, config.rate
+        super().__init__(ctx, stats, config.rate)
+        self.threshold = config.threshold
 
     def decide(self, residual: torch.Tensor, st: _CallState) -> bool:
         """Whether this call skips the other blocks (a full call must have come before)."""
@@ -69,7 +67,7 @@ class FirstBlockCache(BlockSkip):
         if prev is None or st.residual is None or prev.shape != residual.shape:
             return False
         if self.rate > 0:
-            return not fixed_rate_computes(self.ctx.step, self.ctx.num_steps, self.rate)
+            return self.scheduled_skip()
         return self.threshold > 0 and relative_l1(residual, prev) <= self.threshold
 
     def head(self, block: Block, forward: Any) -> Any:
@@ -97,8 +95,5 @@ def apply(pipe: Any, config: FBCacheConfig, ctx: StepContext) -> MethodHandle:
     handle = MethodHandle(pipe, "fbcache", config)
     if (config.threshold == 0 and config.rate == 0) or len(blocks) < 2:
         return handle
-    if config.rate > 0:
-        handle.report["method_note"] = (f"fixed schedule: {config.rate:g} of the steps skipped, "
-                                        "not the threshold's decision")
     FirstBlockCache(ctx, config, handle.stats).install(handle, pipe, blocks)
     return handle

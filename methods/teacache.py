@@ -37,9 +37,9 @@ from harness.method import MethodHandle, register_method
 from harness.params import param
 from harness.prepare import PrepareData
 from harness.steps import StepContext
-from methods._common.block_skip import BlockSkip, SkipState
+from methods._common.block_skip import BlockSkip, SkipState, rate_param
 from methods._common.blocks import Block, add_stream, denoiser_blocks
-from methods._common.cache import GenerationCache, fixed_rate_computes, relative_l1
+from methods._common.cache import GenerationCache, relative_l1
 from methods._common.calls import first_output, record_calls
 from methods._common.quant_train import calibration_texts
 
@@ -64,9 +64,7 @@ class TeaCacheConfig:
                                "set", low=1, high=4096)
     calib_steps: int = param(20, "sampler steps of each fitting trajectory", low=3, high=1000)
     calib_guidance: float = param(5.0, "guidance of the fitting trajectories", low=0.0, high=50.0)
-    rate: float = param(0.0, "0: decide by the threshold (the paper); in (0, 1): skip this share "
-                        "of the steps on a fixed schedule instead (random-weight speed rows)",
-                        low=0.0, high=0.99)
+    rate: float = rate_param()
 
 
 def _joint(block: Any, call: dict) -> torch.Tensor:
@@ -148,7 +146,7 @@ class TeaCache(BlockSkip):
 
     def __init__(self, ctx: StepContext, config: TeaCacheConfig, poly: torch.Tensor | None,
                  modulated: ModulatedInput, stats: dict[str, int]):
-        super().__init__(ctx, stats)
+        super().__init__(ctx, stats, config.rate)
         self.config, self.poly, self.modulated = config, poly, modulated
 
     def decide(self, st: _CallState, now: torch.Tensor) -> bool:
@@ -159,8 +157,8 @@ class TeaCache(BlockSkip):
                 or previous.shape != now.shape):
             st.accumulated = 0.0
             return False
-        if self.config.rate > 0:
-            return not fixed_rate_computes(step, total, self.config.rate)
+        if self.rate > 0:
+            return self.scheduled_skip()
         st.accumulated += rescale(self.poly, relative_l1(now, previous))
         if st.accumulated < self.config.threshold:
             return True
@@ -254,9 +252,6 @@ def apply(pipe: Any, config: TeaCacheConfig, ctx: StepContext,
         return handle
     if config.rate == 0 and POLY not in artifact:
         raise DiffbenchError("teacache needs its rescaling polynomial (prepare's artifact)")
-    if config.rate > 0:
-        handle.report["method_note"] = (f"fixed schedule: {config.rate:g} of the steps skipped, "
-                                        "not the threshold's decision")
     TeaCache(ctx, config, artifact.get(POLY), modulated, handle.stats).install(handle, pipe,
                                                                                blocks)
     return handle

@@ -15,8 +15,17 @@ from dataclasses import dataclass
 from typing import Any
 
 from harness.method import MethodHandle
+from harness.params import param
 from methods._common.blocks import Block, passthrough, sub_stream
-from methods._common.cache import GenerationCache
+from methods._common.cache import GenerationCache, fixed_rate_computes
+
+
+def rate_param() -> Any:
+    """The `rate` field of a block-skipping cache's config: a fixed schedule instead of the
+    adaptive decision (for speed rows on random weights)."""
+    return param(0.0, "0: decide by the threshold (the paper); in (0, 1): skip this share of "
+                 "the steps on a fixed schedule instead (random-weight speed rows)",
+                 low=0.0, high=0.99)
 
 
 @dataclass
@@ -34,9 +43,13 @@ class BlockSkip(GenerationCache):
 
     state_cls: type[SkipState] = SkipState
 
-    def __init__(self, ctx: Any, stats: dict[str, int]):
+    def __init__(self, ctx: Any, stats: dict[str, int], rate: float = 0.0):
         super().__init__(ctx)
-        self.stats = stats
+        self.stats, self.rate = stats, rate
+
+    def scheduled_skip(self) -> bool:
+        """With `rate` > 0: whether the fixed schedule skips this step."""
+        return not fixed_rate_computes(self.ctx.step, self.ctx.num_steps, self.rate)
 
     def before_denoiser(self, module: Any, args: tuple, kwargs: dict) -> None:
         """Denoiser pre-hook: a new generation clears the states; count calls within a step."""
@@ -70,7 +83,11 @@ class BlockSkip(GenerationCache):
         return run
 
     def install(self, handle: MethodHandle, pipe: Any, blocks: list[Block]) -> None:
-        """Through the handle: the denoiser pre-hook and every block's wrapped forward."""
+        """Through the handle: the denoiser pre-hook and every block's wrapped forward; a
+        fixed schedule says so in the row's note."""
+        if self.rate > 0:
+            handle.report["method_note"] = (f"fixed schedule: {self.rate:g} of the steps "
+                                            "skipped, not the threshold's decision")
         handle.add_hook(pipe.transformer.register_forward_pre_hook(self.before_denoiser,
                                                                    with_kwargs=True))
         head, *others = blocks
