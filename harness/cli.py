@@ -25,6 +25,9 @@ def _run_parser(sub: Any) -> None:
                    help="method to run, repeatable (replaces the suite's methods)")
     p.add_argument("--param", action="append", metavar="K=V",
                    help="method parameter for every --method, repeatable")
+    p.add_argument("--attack", action="append", metavar="NAME[:K=V,...]",
+                   help="attack on every method's pipeline, repeatable, 'none' for the "
+                        "unattacked cell (replaces the suite's attacks; see list attacks)")
     p.add_argument("--model", action="append", help="model, repeatable")
     p.add_argument("--seed", action="append", type=int, help="base seed, repeatable")
     for flag in ("weights", "prompts", "dtype", "device"):
@@ -66,8 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_parser(sub)
     train_cli.add_arguments(sub.add_parser(
         "train-mini", help="train the embedded mini-sd (CLIP, VAE, UNet) from a seed, resumable"))
-    p = sub.add_parser("list", help="list registered methods, metrics, models or prompt sets")
-    p.add_argument("what", choices=("methods", "metrics", "models", "prompts"))
+    p = sub.add_parser("list", help="list registered methods, attacks, metrics, models or "
+                                   "prompt sets")
+    p.add_argument("what", choices=("methods", "attacks", "metrics", "models", "prompts"))
     p = sub.add_parser("leaderboard", help="rebuild the CSV leaderboard from cell JSON files")
     p.add_argument("run_dir", help="output folder of a run")
     p.add_argument("--csv", help="where to write (default: RUN_DIR/leaderboard.csv)")
@@ -112,7 +116,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             m["params"] = {**m["params"], **extra}
     elif args.param:
         raise DiffbenchError("--param needs --method")
-    run_config = config.load_suite(args.suite or DEFAULT_SUITE, overrides, methods)
+    attacks = [config.parse_method(a) for a in args.attack] if args.attack else None
+    run_config = config.load_suite(args.suite or DEFAULT_SUITE, overrides, methods, attacks)
     timing = params.parse_assignments([a for t in args.timing or () for a in t.split(",")],
                                       "--timing")
     timing.update({k: getattr(args, k) for k in ("threads", "flops") if getattr(args, k)
@@ -144,9 +149,9 @@ def _failed(lines: list[str], total: int, what: str = "cell") -> int:
     return EXIT_FAILED if lines else EXIT_OK
 
 
-SUMMARY = ("model", "method", "params", "steps", "compile", "speedup", "latency_s",
+SUMMARY = ("model", "method", "params", "attack", "steps", "compile", "speedup", "latency_s",
            "flops_ratio", "peak_mem_mb", "fd_clip", "fid", "clip_score", "psnr", "nsfw_ratio",
-           "concept_ratio", "status")
+           "concept_ratio", "attack_s", "status")
 
 
 def _summary(csv_path: Path) -> str:
@@ -170,13 +175,14 @@ def _summary(csv_path: Path) -> str:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
+    from harness.attack import ATTACKS
     from harness.method import METHODS
     from harness.metric import METRICS
     from harness.models import MODELS
     from harness.prompts import PROMPTS
 
-    if args.what == "methods":
-        for name, spec in METHODS.items():
+    if args.what in ("methods", "attacks"):
+        for name, spec in (METHODS if args.what == "methods" else ATTACKS).items():
             fields = ", ".join(f"{f.name}={f.default!r}" for f in spec.fields())
             print(f"{name:12s} {spec.doc}" + (f"\n{'':12s} params: {fields}" if fields else ""))
     elif args.what == "metrics":

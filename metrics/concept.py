@@ -89,6 +89,14 @@ class WorldAttributeDetector:
             concept in world.COLOURS or concept in world.SHAPES)
 
     @torch.inference_mode()
+    def probs(self, images: np.ndarray) -> torch.Tensor:
+        """Per-image probability of the concept's value (caption probabilities marginalised)."""
+        x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0
+        logp = self.zero_shot.caption_log_probs(x)
+        mask = self.zero_shot.attr[self.attribute] == self.index
+        return logp[:, mask].logsumexp(dim=-1).exp().double()
+
+    @torch.inference_mode()
     def flags(self, images: np.ndarray) -> list[float]:
         x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0
         predicted = self.zero_shot.predict(x)[self.attribute]
@@ -112,7 +120,9 @@ class ConceptRatio(Metric):
         self.note = ""
         self.world: WorldAttributeDetector | None = None
         self._prompt_emb: torch.Tensor | None = None
+        self.each: list[WorldAttributeDetector] = []  # several world concepts, one per column
         self.add_state("flags", [], reduce="cat")
+        self.add_state("flags_each", [], reduce="cat")  # per image: one flag per concept
 
     @classmethod
     def for_cell(cls, context: MetricContext) -> ConceptRatio:
@@ -121,6 +131,13 @@ class ConceptRatio(Metric):
         concept = concept_of(context)
         if quality_skip_reason(context) or not concept:
             return cls()
+        concepts = [c.strip() for c in concept.split(",") if c.strip()]
+        if len(concepts) > 1 and all(WorldAttributeDetector.handles(context, c)
+                                     for c in concepts):
+            m = cls(concept=",".join(concepts))  # several erased at once: one column each
+            m.world = WorldAttributeDetector(concepts[0])
+            m.each = [WorldAttributeDetector(c) for c in concepts]
+            return m
         if WorldAttributeDetector.handles(context, concept):
             m = cls(concept=concept)
             m.world = WorldAttributeDetector(concept)
@@ -141,6 +158,12 @@ class ConceptRatio(Metric):
         return [self.template.format(t) for t in (self.concept, *self.contrasts)]
 
     def update(self, obs: Observation) -> None:
+        if self.each and obs.images is not None:
+            images = images_as_numpy(obs.images)
+            per = list(zip(*[d.flags(images) for d in self.each], strict=True))
+            self.flags_each.extend(list(f) for f in per)
+            self.flags.extend(float(max(f)) for f in per)  # any of the concepts is there
+            return
         if self.world is not None and obs.images is not None:
             self.flags.extend(self.world.flags(images_as_numpy(obs.images)))
             return
@@ -159,6 +182,10 @@ class ConceptRatio(Metric):
             out = ci_columns("concept_ratio", self.flags, MIN_N, "wide interval")
             out.update({"concept": self.concept, "concept_model": self.world.name,
                         "concept_contrasts": f"world {self.world.attribute}s"})
+            for k, name in enumerate(self.concept.split(",") if self.each else ()):
+                out.update(ci_columns(f"concept_ratio_{name}",
+                                      [f[k] for f in self.flags_each], MIN_N, "wide interval"))
+                out["concept_contrasts"] = "world colours / shapes"
             return out
         if self.backend is None or not self.concept:
             return {"concept_ratio": None, "concept_note": self.note} if self.note else {}
@@ -166,3 +193,29 @@ class ConceptRatio(Metric):
         out.update({"concept": self.concept, "concept_model": self.backend.name,
                     "concept_contrasts": "|".join(self.contrasts)})
         return out
+
+
+def concept_detector(context: MetricContext, concept: str) -> Any:
+    """uint8 images -> per-image probability that `concept` is present (float64 tensor): the
+    detector the concept column counts with (the world judge, or CLIP zero-shot); an attack's
+    objective."""
+    from harness.errors import DiffbenchError
+
+    metric = ConceptRatio.for_cell(context) if concept_of(context) == concept else None
+    if metric is None or (metric.world is None and metric.backend is None):
+        if WorldAttributeDetector.handles(context, concept):
+            world = WorldAttributeDetector(concept)
+            return lambda images: world.probs(images_as_numpy(images))
+        raise DiffbenchError(f"no detector for concept '{concept}': set [metric_options.concept]"
+                             f" concept = '{concept}' (and clip_model on a non-embedded model)")
+    if metric.world is not None:
+        return lambda images: metric.world.probs(images_as_numpy(images))
+    prompt_emb = metric.backend.text_embeds(metric.prompts)
+    logit_scale = getattr(metric.backend.model, "logit_scale", None)  # CLIP's learned scale
+    scale = float(logit_scale.detach().exp()) if logit_scale is not None else 100.0
+
+    def probs(images: Any) -> torch.Tensor:
+        emb = metric.backend.image_embeds(images_as_numpy(images))
+        return zero_shot_probs(emb, prompt_emb, scale)[:, 0]
+
+    return probs

@@ -7,29 +7,31 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("harness", "methods", "metrics")
+PACKAGES = ("harness", "methods", "metrics", "attacks")
 MAX_LINES = 400
 
 # The layers of ARCHITECTURE.md, lowest first: a module may import its own layer and the ones
 # below it. The contracts are the plug-in modules at the top of harness/.
 CONTRACTS = ("harness", "harness.cache", "harness.errors", "harness.files", "harness.registry",
              "harness.params", "harness.steps", "harness.seeds", "harness.method", "harness.metric",
-             "harness.stack", "harness.prepare", "harness.prompts")
+             "harness.stack", "harness.prepare", "harness.prompts", "harness.attack")
 LAYERS = {
     "contracts": 0,
     "harness.models": 1,
     "harness.mini": 2,
     "methods": 3,
     "metrics": 3,
+    "attacks": 3,
     "harness.run": 4,
     "harness.reporting": 5,
     "harness.cli": 6,
     "harness.__main__": 6,
 }
 # Rooms of one layer that must not import each other (plug-ins know only the contracts).
-SEPARATE = {("methods", "metrics"), ("metrics", "methods")}
+SEPARATE = {(a, b) for a in ("methods", "metrics", "attacks")
+            for b in ("methods", "metrics", "attacks") if a != b}
 # What a plug-in may import beyond the contracts and its own package.
-ALLOWED_BELOW = {"methods": set(), "metrics": {"harness.mini"}}
+ALLOWED_BELOW = {"methods": set(), "metrics": {"harness.mini"}, "attacks": set()}
 
 
 def modules() -> dict[str, Path]:

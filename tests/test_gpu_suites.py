@@ -64,6 +64,9 @@ def _device(path: Path) -> str:
     return str(tomllib.loads(path.read_text()).get("defaults", {}).get("device", ""))
 
 
+# an attacked cell computes what its unattacked cell does (attacks: tests/attacks/), so the
+# checks take every suite's cells without attacks; loading the suite validates its attacks
+UNATTACKED = [{"name": "none"}]
 GPU_SUITES = sorted(p.stem for p in SUITES_DIR.glob("*.toml") if _device(p).startswith("cuda"))
 STEPS = 4  # deepcache / frdiff / fora (interval 3) reuse twice, block_drop (until 0.5) drops twice
 STEP_INDEX_PARAMS = ("gate_step", "start_step")  # parameters naming a step: run 2 steps past
@@ -133,7 +136,7 @@ class AffineBaseline:
 
 @pytest.mark.parametrize("suite", GPU_SUITES)
 def test_flops_under_fake_tensors_at_real_size(suite):
-    config = load_suite(suite, {"device": "cpu"})
+    config = load_suite(suite, {"device": "cpu"}, attacks=UNATTACKED)
     baselines: dict[str, AffineBaseline] = {}
     for cell in config.cells:
         pipe, mode = fake_model(cell.model, cell.dtype)
@@ -335,7 +338,8 @@ def one_thread():
 @pytest.mark.parametrize("suite", GPU_SUITES)
 def test_every_cell_generates_at_tiny_size_on_cpu(suite, one_thread):
     methods, prompts = tiny_methods(suite)
-    config = load_suite(suite, {**TINY, **({"prompts": prompts} if prompts else {})}, methods)
+    config = load_suite(suite, {**TINY, **({"prompts": prompts} if prompts else {})}, methods,
+                        UNATTACKED)
     assert len(config.cells) == len(methods)
     first = None
     for cell in config.cells:

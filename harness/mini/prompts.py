@@ -30,3 +30,21 @@ def shapes_red() -> list[str]:
 def shapes_not_red() -> list[str]:
     """World captions without the word red: what an erasure of red must leave intact."""
     return [t for t in shapes() if "red" not in t.split()]
+
+
+def _with(value: str) -> list[str]:
+    """World captions whose shape has this colour or is this shape, in shapes' order."""
+    return [t for t in shapes() if t.split()[2:4].count(value)]
+
+
+def _without(*values: str) -> list[str]:
+    """World captions that name none of the values (as shape colour, shape or background)."""
+    return [t for t in shapes() if not set(values) & set(t.split())]
+
+
+for _value in (*COLOURS, *SHAPES):  # shapes-<colour> and shapes-<shape>: the concept's prompts
+    if _value != "red":
+        register_prompt_set(f"shapes-{_value}")(
+            lambda v=_value: _with(v))
+register_prompt_set("shapes-not-red-blue")(lambda: _without("red", "blue"))
+register_prompt_set("shapes-not-red-blue-circle")(lambda: _without("red", "blue", "circle"))

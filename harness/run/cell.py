@@ -3,6 +3,7 @@ states, finish, record. Each backend (local.py, ray.py) calls them; none calls a
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import traceback
@@ -12,6 +13,7 @@ from typing import Any
 
 import torch
 
+from harness.attack import NO_ATTACK
 from harness.errors import MissingExtraError, WriteFailed
 from harness.metric import METRICS, MetricContext, Observation
 from harness.models import MODELS, ModelSpec, load_pipeline, resolve_dtype
@@ -292,22 +294,30 @@ def measure_shard(cell: Cell, config: RunConfig, pipes: PipelineCache, store: Ce
     ctx = StepContext()
     method_config = mspec.config(json.loads(cell.params))
     artifacts, trained = phase_prepare(cell, mspec, pipe, method_config)
+    attacked = cell.attack != NO_ATTACK
     with fixed_threads(config.timing.threads) as threads, \
             MethodSwitch(mspec, pipe, method_config, ctx, artifacts) as switch:
         run = CellRun(cell, spec, pipe, ctx, switch.call_kwargs, batches)
         report = {**switch.report, **trained, "threads": threads}
-        if shard == 0:
+        if attacked:  # rewrites run.batches' prompts; the handle holds what it installed
+            from harness.run.attack import phase_attack
+
+            attack, attack_columns = phase_attack(run, switch, prompts,
+                                                  metric_context(cell, config, store))
+        if shard == 0 and not attacked:  # an attacked row measures the attack, not the speed
             flops = phase_flops(run, config.timing.flops)
             observations += [flops] if flops else []
         with compiled(pipe, cell.compile) as compile_state:
-            if shard == 0:
+            if shard == 0 and not attacked:
                 rounds, columns = phase_timing(run, switch, config.timing, compile_state)
                 observations += rounds
                 report.update(columns)
                 observations.append(phase_profile(run, 1 if cell.compile == "off" else 2))
             switch.handle.stats.clear()  # counters of the images' calls only
-            images = phase_images(run) if batches else torch.zeros(0, dtype=torch.uint8)
+            with attack if attacked else contextlib.nullcontext():
+                images = phase_images(run) if batches else torch.zeros(0, dtype=torch.uint8)
             report.update(switch.handle.stats)
+            report.update(attack_columns if attacked else {})
     indices = [i for b in batches for i in b.indices]
     if batches:
         observations.append(images_observation(cell, store, prompts, images, indices))
@@ -325,6 +335,10 @@ def finish_cell(cell: Cell, config: RunConfig, store: CellStore, env: dict[str, 
     context = metric_context(cell, config, store)
     columns = compute_metrics(config.metrics, [s["states"] for s in shards], context)
     columns.update(shards[0].get("report", {}))
+    if cell.attack != NO_ATTACK:
+        from harness.run.attack import success_columns
+
+        columns.update(success_columns(columns))
     columns.update(derived_columns(columns, env, cell.dtype))
     spec = MODELS.get(cell.model)
     random_weights = cell.weights == "none"

@@ -61,23 +61,35 @@ class Cell:
     device: str
     batch_size: int
     compile: str = "off"
+    attack: str = "none"  # an attack on the method's pipeline (harness/attack.py), or none
+    attack_params: str = "{}"  # canonical JSON of the attack config
 
     @property
     def key(self) -> str:
-        """Config hash: identifies the cell's results on disk and in leaderboards. An eager cell
-        hashes without the compile field, so its key is the one it had before that axis."""
-        identity = dataclasses.asdict(self)
+        """Config hash: identifies the cell's results on disk and in leaderboards. An eager,
+        unattacked cell hashes without the compile and attack fields, so its key is the one it
+        had before those axes."""
+        identity = self.identity()
         if identity["compile"] == "off":
             del identity["compile"]
         return P.short_hash(identity)
 
     @property
     def baseline_key(self) -> str:
-        """Key of the baseline cell with the same model and settings."""
-        return dataclasses.replace(self, method="baseline", params="{}").key
+        """Key of the baseline cell with the same model and settings (not attacked)."""
+        return dataclasses.replace(self, method="baseline", params="{}", attack="none",
+                                   attack_params="{}").key
+
+    @property
+    def unattacked(self) -> Cell:
+        return dataclasses.replace(self, attack="none", attack_params="{}")
 
     def identity(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The cell's fields; the attack fields only when it is attacked."""
+        identity = dataclasses.asdict(self)
+        if identity["attack"] == "none":
+            del identity["attack"], identity["attack_params"]
+        return identity
 
 
 @dataclass(frozen=True)
@@ -134,10 +146,18 @@ def resolve_device(device: str) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def make_cell(settings: Settings, method: str, method_params: Mapping[str, Any]) -> Cell:
+def make_cell(settings: Settings, method: str, method_params: Mapping[str, Any],
+              attack: Mapping[str, Any] | None = None) -> Cell:
     """Validate names and parameters now, so bad input fails before any work starts."""
+    from harness.attack import ATTACKS, NO_ATTACK
+
     spec, mspec = MODELS.get(settings.model), resolve_method(method)
     config = mspec.config(method_params)
+    attack_name, attack_params = NO_ATTACK, "{}"
+    if attack and attack.get("name", NO_ATTACK) != NO_ATTACK:
+        attack_name = attack["name"]
+        attack_config = ATTACKS.get(attack_name).config(attack.get("params", {}))
+        attack_params = P.canonical_json(P.as_dict(attack_config))
     return Cell(
         model=settings.model, weights=weights_source(spec, settings.weights), method=method,
         params=P.canonical_json(P.as_dict(config)), prompts=settings.prompts,
@@ -145,12 +165,15 @@ def make_cell(settings: Settings, method: str, method_params: Mapping[str, Any])
         guidance=float(spec.guidance if settings.guidance is None else settings.guidance),
         resolution=settings.resolution or spec.resolution, seed=settings.seed,
         dtype=settings.dtype, device=resolve_device(settings.device),
-        batch_size=settings.batch_size, compile=settings.compile,
+        batch_size=settings.batch_size, compile=settings.compile, attack=attack_name,
+        attack_params=attack_params,
     )
 
 
-def expand_grid(defaults: Mapping[str, Any], methods: list[Mapping[str, Any]]) -> tuple[Cell, ...]:
-    """Cells = models x prompt sets x seeds x compile modes x methods; list values span it."""
+def expand_grid(defaults: Mapping[str, Any], methods: list[Mapping[str, Any]],
+                attacks: list[Mapping[str, Any]] | None = None) -> tuple[Cell, ...]:
+    """Cells = models x prompt sets x seeds x compile modes x methods x attacks; list values
+    span it. `attacks` entries are {name, params}; "none" is the unattacked cell."""
     base = dict(defaults)
     axes = {}
     for plural, singular in GRID_AXES:
@@ -169,15 +192,16 @@ def expand_grid(defaults: Mapping[str, Any], methods: list[Mapping[str, Any]]) -
             if extra:
                 raise DiffbenchError(f"[[methods]] '{name}' has unknown keys: {sorted(extra)}; "
                                      "put method parameters under params")
-            cells.append(make_cell(settings, name, entry.get("params", {})))
+            for attack in attacks or [{"name": "none"}]:
+                cells.append(make_cell(settings, name, entry.get("params", {}), attack))
     seen: dict[str, Cell] = {}
     for cell in cells:
         seen.setdefault(cell.key, cell)  # identical cells collapse to one
     return tuple(seen.values())
 
 
-SECTIONS = {"name": str, "defaults": dict, "timing": dict, "methods": list, "metrics": list,
-            "metric_options": dict}  # suite file sections and their TOML types
+SECTIONS = {"name": str, "defaults": dict, "timing": dict, "methods": list, "attacks": list,
+            "metrics": list, "metric_options": dict}  # suite file sections and their TOML types
 
 
 def read_suite(path: Path) -> dict[str, Any]:
@@ -208,12 +232,18 @@ def read_suite(path: Path) -> dict[str, Any]:
             shape = {str: "a string", dict: "a table", list: "an array"}[kind]
             raise DiffbenchError(f"suite file {path}: '{key}' must be {shape}, not "
                                  f"{type(data[key]).__name__} {data[key]!r}"[:200])
-    for i, entry in enumerate(data.get("methods", [])):
-        if not isinstance(entry, dict) or not isinstance(entry.get("params", {}), dict):
-            raise DiffbenchError(f"suite file {path}: methods[{i}] must be a [[methods]] table "
-                                 "with a name and a params table")
-        if not isinstance(entry.get("name"), str):
-            raise DiffbenchError(f"suite file {path}: methods[{i}] needs a name string")
+    for section in ("methods", "attacks"):
+        for i, entry in enumerate(data.get(section, [])):
+            if not isinstance(entry, dict) or not isinstance(entry.get("params", {}), dict):
+                raise DiffbenchError(f"suite file {path}: {section}[{i}] must be a "
+                                     f"[[{section}]] table with a name and a params table")
+            if not isinstance(entry.get("name"), str):
+                raise DiffbenchError(f"suite file {path}: {section}[{i}] needs a name string")
+            extra = set(entry) - {"name", "params"}
+            if section == "attacks" and extra:
+                raise DiffbenchError(f"suite file {path}: [[attacks]] '{entry['name']}' has "
+                                     f"unknown keys {sorted(extra)}; put its parameters under "
+                                     "params")
     if not all(isinstance(m, str) for m in data.get("metrics", [])):
         raise DiffbenchError(f"suite file {path}: metrics must be an array of metric names")
     data.setdefault("name", path.stem)
@@ -221,8 +251,10 @@ def read_suite(path: Path) -> dict[str, Any]:
 
 
 def load_suite(path: str | Path, overrides: Mapping[str, Any] | None = None,
-               methods: list[Mapping[str, Any]] | None = None) -> RunConfig:
-    """Read a suite TOML; CLI overrides replace its defaults, CLI methods replace its methods."""
+               methods: list[Mapping[str, Any]] | None = None,
+               attacks: list[Mapping[str, Any]] | None = None) -> RunConfig:
+    """Read a suite TOML; CLI overrides replace its defaults, CLI methods its methods and CLI
+    attacks its attacks."""
     from harness.files import check_name
     from harness.metric import check_metric_options
 
@@ -235,7 +267,8 @@ def load_suite(path: str | Path, overrides: Mapping[str, Any] | None = None,
     defaults = {**data.get("defaults", {}), **(overrides or {})}
     return RunConfig(
         name=check_name(data["name"], "suite name"),
-        cells=expand_grid(defaults, methods or data.get("methods") or [{"name": "baseline"}]),
+        cells=expand_grid(defaults, methods or data.get("methods") or [{"name": "baseline"}],
+                          attacks or data.get("attacks")),
         timing=P.build(Timing, data.get("timing"), owner="timing"),
         metrics=names,
         metric_options=options,

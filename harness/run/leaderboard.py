@@ -10,6 +10,7 @@ from typing import Any
 
 from harness.files import atomic_write
 
+ATTACK_IDENTITY = ("attack", "attack_params")
 IDENTITY = ("model", "weights", "method", "params", "config_hash", "prompts", "n_images", "steps",
             "guidance", "resolution", "seed", "dtype", "batch_size", "device", "compile")
 ENVIRONMENT = ("device_name", "device_count", "cuda", "driver", "torch", "diffusers",
@@ -32,6 +33,8 @@ FORMATS: dict[str, str] = {
     "clip_score": "{:.4f}", "clip_score_ci_lo": "{:.4f}", "clip_score_ci_hi": "{:.4f}",
     "nsfw_ratio": "{:.4f}", "nsfw_ratio_ci_lo": "{:.4f}", "nsfw_ratio_ci_hi": "{:.4f}",
     "concept_ratio": "{:.4f}", "concept_ratio_ci_lo": "{:.4f}", "concept_ratio_ci_hi": "{:.4f}",
+    "attack_success": "{:.4f}", "attack_success_ci_lo": "{:.4f}", "attack_success_ci_hi": "{:.4f}",
+    "attack_s": "{:.1f}", "attack_objective": "{:.4g}",
     "psnr": "{:.4f}", "psnr_ci_lo": "{:.4f}", "psnr_ci_hi": "{:.4f}", "psnr_identical": "{:d}",
     "ssim": "{:.6f}", "ssim_ci_lo": "{:.6f}", "ssim_ci_hi": "{:.6f}", "nsfw_threshold": "{:.2f}",
     "train_s": "{:.1f}",
@@ -89,17 +92,19 @@ def row(record: dict[str, Any], by_key: dict[str, dict[str, Any]]) -> dict[str, 
 def columns_of(rows: Iterable[dict[str, Any]]) -> list[str]:
     """Identity, environment, known metrics in order, other metrics sorted, then the trailer."""
     present = set().union(*[r.keys() for r in rows]) if rows else set()
-    fixed = set(IDENTITY) | set(ENVIRONMENT) | set(TRAILER)
+    attack = [c for c in ATTACK_IDENTITY if c in present]  # only in runs with attacked cells
+    fixed = set(IDENTITY) | set(ATTACK_IDENTITY) | set(ENVIRONMENT) | set(TRAILER)
     known = [c for c in FORMATS if c in present]
     extra = sorted(present - fixed - set(known))
-    return [*IDENTITY, *ENVIRONMENT, *known, *extra, *TRAILER]
+    return [*IDENTITY, *attack, *ENVIRONMENT, *known, *extra, *TRAILER]
 
 
 def sort_key(r: dict[str, Any]) -> tuple:
     """Stable order: settings first, the baseline before other methods, then method and params."""
     return (r["model"], r["weights"], r["prompts"], r["resolution"], r["dtype"], r["device"],
             r["seed"], r["n_images"], r["guidance"], r["method"] != "baseline", r["method"],
-            r["params"], r["config_hash"])
+            r["params"], r.get("attack", "none") != "none", r.get("attack", ""),
+            r.get("attack_params", ""), r["config_hash"])
 
 
 def build_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:

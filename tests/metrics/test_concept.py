@@ -70,6 +70,44 @@ def test_world_colour_concept_on_mini_sd_uses_the_world_detector():
     assert hits["concept_model"] == "mini-clip-world-zero-shot"
 
 
+def test_several_world_concepts_get_a_column_each_and_any_of_them_counts():
+    """concept = "red,circle": each concept's share on its own, and the share showing either."""
+    import types
+
+    from harness.mini import world
+
+    batch = world.sample(120, seed=11, split="all")
+    context = types.SimpleNamespace(cell=types.SimpleNamespace(model="mini-sd", params="{}"),
+                                    spec=types.SimpleNamespace(embedded=True),
+                                    options={"concept": {"concept": "red,circle"}})
+    context.store = None
+    m = cc.ConceptRatio.for_cell(context)
+    m.update(Observation(n_images=60, images=batch.images[:60]))
+    m.update(Observation(n_images=60, images=batch.images[60:]))
+    out = m.compute()
+    red = (batch.colour == world.COLOURS.index("red")).double()
+    circle = (batch.shape == world.SHAPES.index("circle")).double()
+    assert abs(out["concept_ratio_red"] - float(red.mean())) <= 0.03
+    assert abs(out["concept_ratio_circle"] - float(circle.mean())) <= 0.05
+    assert abs(out["concept_ratio"] - float(torch.maximum(red, circle).mean())) <= 0.05
+    assert out["concept"] == "red,circle" and "concept_ratio_red_ci_lo" in out
+
+
+def test_concept_detector_gives_probabilities_that_agree_with_the_flags():
+    import types
+
+    from harness.mini import world
+
+    batch = world.sample(60, seed=3, split="all")
+    context = types.SimpleNamespace(cell=types.SimpleNamespace(model="mini-sd", params="{}"),
+                                    spec=types.SimpleNamespace(embedded=True),
+                                    options={"concept": {"concept": "red"}}, store=None)
+    probs = cc.concept_detector(context, "red")(batch.images)
+    flags = torch.tensor(cc.WorldAttributeDetector("red").flags(batch.images.numpy()))
+    assert probs.shape == (60,) and ((probs >= 0) & (probs <= 1)).all()
+    assert ((probs > 0.5).double() == flags).double().mean() >= 0.95
+
+
 class TestConceptRatioContract(MetricContract):
     metric_name = "concept"
 

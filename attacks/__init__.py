@@ -1,0 +1,1 @@
+"""Attacks on concept erasure: one module per attack (harness/attack.py is the contract)."""
