@@ -5,8 +5,10 @@
   the world (5 x 8 x 2 x 7 = 560 prompt templates over the vocabulary) and an attribute is
   predicted by summing the caption probabilities that share its value;
 - mini-VAE reconstruction PSNR on fresh images;
-- prompt adherence of generated images (25 DDIM steps, guidance 5): the fraction whose colour
-  and shape, judged by mini-CLIP zero-shot, both match the prompt; seen and held-out combos.
+- prompt adherence of generated images (the model's steps and guidance), scored like the
+  `adherence` metric (harness/mini/adherence.py): the fraction whose colour, shape and size, judged
+  by mini-CLIP zero-shot, all match the prompt, colour and shape alone, and each attribute;
+  seen and held-out combos.
 
     python -m harness.mini.evaluate [--n-gen 128] [--grid leaderboards/mini-sd-grid.png]
 """
@@ -74,17 +76,21 @@ def generate(pipe: Any, captions: list[str], seed: int = 0, steps: int = 25,
 
 def adherence(pipe: Any, zs: ZeroShot, n: int, split: str, seed: int = 0, steps: int = 25,
               guidance: float = 5.0, model: str = "mini-sd") -> dict[str, Any]:
-    """Fraction of generated images whose colour and shape (mini-CLIP zero-shot) match."""
+    """Shares of generated images whose attributes (mini-CLIP zero-shot) match their prompts,
+    scored as the `adherence` metric scores them (harness/mini/adherence.py): `adherence`
+    (colour, shape and size), `colour_shape`, each attribute, and `heldout` (all three,
+    held-out combinations)."""
+    from harness.mini.adherence import ATTRIBUTES, adherence_flags, adherence_shares
+
     prompts = eval_prompts(n, 777 + seed, split)
     images = generate(pipe, prompts.captions, seed, steps, guidance, model=model)
-    pred = zs.predict(images)
-    colour = pred["colour"] == prompts.colour
-    shape = pred["shape"] == prompts.shape
-    return {"adherence": float((colour & shape).float().mean()),
-            "colour": float(colour.float().mean()), "shape": float(shape.float().mean()),
-            "size": float((pred["size"] == prompts.size).float().mean()),
-            "background": float((pred["background"] == prompts.background).float().mean()),
-            "images": images, "captions": prompts.captions}
+    rows = adherence_flags(zs.predict(images), prompts.captions)
+    shares = adherence_shares(rows)
+    every = adherence_shares(rows, ATTRIBUTES)  # a share per attribute the judge reads
+    out = {"adherence": shares["adherence"], "heldout": shares["adherence_heldout"],
+           "colour_shape": adherence_shares(rows, ("colour", "shape"))["adherence"]}
+    out.update({a: every[f"adherence_{a}"] for a in ATTRIBUTES})
+    return {**out, "images": images, "captions": prompts.captions}
 
 
 def save_grid(images: torch.Tensor, path: str | Path, rows: int = 4, cols: int = 8,
@@ -145,9 +151,9 @@ def main(argv: list[str] | None = None) -> int:
                         args.model)
         label = "seen" if split == "train" else "held-out"
         print(f"{args.model} adherence on {args.n_gen} {label} prompts ({args.steps} steps, "
-              f"guidance "
-              f"{args.guidance}): colour+shape {res['adherence']:.1%} (colour {res['colour']:.1%}"
-              f", shape {res['shape']:.1%}, size {res['size']:.1%}, background "
+              f"guidance {args.guidance}): colour+shape+size {res['adherence']:.1%}, "
+              f"colour+shape {res['colour_shape']:.1%} (colour {res['colour']:.1%}, shape "
+              f"{res['shape']:.1%}, size {res['size']:.1%}, background "
               f"{res['background']:.1%}) in {time.monotonic() - t1:.1f} s", flush=True)
     if args.grid:
         prompts = grid_prompts()

@@ -12,8 +12,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-QUALITY_METRICS = ("fid", "kid", "fd_clip", "kd_clip", "cmmd_clip", "clip_score", "nsfw",
-                   "concept", "fidelity")
+QUALITY_METRICS = ("fid", "kid", "fd_clip", "kd_clip", "cmmd_clip", "clip_score", "adherence",
+                   "nsfw", "concept", "fidelity")
 
 
 def score_record(record: dict[str, Any], store: Any, metrics: Sequence[str],

@@ -134,7 +134,8 @@ class RunConfig:
     cells: tuple[Cell, ...]
     timing: Timing = Timing()
     metrics: tuple[str, ...] = ("latency", "stages", "memory", "flops", "fd_clip", "kd_clip",
-                                "cmmd_clip", "clip_score", "nsfw", "fidelity", "concept")
+                                "cmmd_clip", "clip_score", "adherence", "nsfw", "fidelity",
+                                "concept")
     metric_options: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
 
 

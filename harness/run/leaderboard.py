@@ -32,6 +32,8 @@ FORMATS: dict[str, str] = {
        for part in ("", "_std", "_ci_lo", "_ci_hi") if (c, part) != ("cmmd_clip", "_std")},
     "clip_score": "{:.4f}", "clip_score_ci_lo": "{:.4f}", "clip_score_ci_hi": "{:.4f}",
     "nsfw_ratio": "{:.4f}", "nsfw_ratio_ci_lo": "{:.4f}", "nsfw_ratio_ci_hi": "{:.4f}",
+    **{f"adherence{a}{part}": "{:.4f}" for a in ("", "_colour", "_shape", "_size", "_heldout")
+       for part in ("", "_ci_lo", "_ci_hi")},
     "concept_ratio": "{:.4f}", "concept_ratio_ci_lo": "{:.4f}", "concept_ratio_ci_hi": "{:.4f}",
     "attack_success": "{:.4f}", "attack_success_ci_lo": "{:.4f}", "attack_success_ci_hi": "{:.4f}",
     "attack_s": "{:.1f}", "attack_objective": "{:.4g}",
