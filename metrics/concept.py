@@ -52,6 +52,12 @@ def detected(probs: torch.Tensor, min_prob: float = 0.0) -> np.ndarray:
     return hit.double().numpy()
 
 
+def logit_scale(backend: Any) -> float:
+    """The CLIP model's learned logit scale (exp of its parameter), 100 when it has none."""
+    scale = getattr(backend.model, "logit_scale", None)
+    return float(scale.detach().exp()) if scale is not None else 100.0
+
+
 def concept_of(context: Any) -> str:
     """The concept this cell is scored for ("" when none is named)."""
     opts = metric_options(context, "concept")
@@ -171,21 +177,20 @@ class ConceptRatio(Metric):
             return
         if self._prompt_emb is None:
             self._prompt_emb = self.backend.text_embeds(self.prompts)
-        logit_scale = getattr(self.backend.model, "logit_scale", None)  # CLIP's learned scale
-        scale = float(logit_scale.detach().exp()) if logit_scale is not None else 100.0
         emb = self.backend.image_embeds(images_as_numpy(obs.images))
-        self.flags.extend(float(f) for f in
-                          detected(zero_shot_probs(emb, self._prompt_emb, scale), self.min_prob))
+        self.flags.extend(float(f) for f in detected(
+            zero_shot_probs(emb, self._prompt_emb, logit_scale(self.backend)), self.min_prob))
 
     def compute(self) -> dict[str, Any]:
         if self.world is not None:
             out = ci_columns("concept_ratio", self.flags, MIN_N, "wide interval")
             out.update({"concept": self.concept, "concept_model": self.world.name,
                         "concept_contrasts": f"world {self.world.attribute}s"})
+            if self.each:  # several concepts: also each on its own
+                out["concept_contrasts"] = "world colours / shapes"
             for k, name in enumerate(self.concept.split(",") if self.each else ()):
                 out.update(ci_columns(f"concept_ratio_{name}",
                                       [f[k] for f in self.flags_each], MIN_N, "wide interval"))
-                out["concept_contrasts"] = "world colours / shapes"
             return out
         if self.backend is None or not self.concept:
             return {"concept_ratio": None, "concept_note": self.note} if self.note else {}
@@ -211,8 +216,7 @@ def concept_detector(context: MetricContext, concept: str) -> Any:
     if metric.world is not None:
         return lambda images: metric.world.probs(images_as_numpy(images))
     prompt_emb = metric.backend.text_embeds(metric.prompts)
-    logit_scale = getattr(metric.backend.model, "logit_scale", None)  # CLIP's learned scale
-    scale = float(logit_scale.detach().exp()) if logit_scale is not None else 100.0
+    scale = logit_scale(metric.backend)
 
     def probs(images: Any) -> torch.Tensor:
         emb = metric.backend.image_embeds(images_as_numpy(images))

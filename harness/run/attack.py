@@ -33,12 +33,10 @@ def _meta(result: AttackResult, name: str, seconds: float) -> dict[str, Any]:
             "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
 
 
-def find(cell: Any, pipe: Any, target: AttackTarget,
+def find(cell: Any, spec: Any, config: Any, pipe: Any, target: AttackTarget,
          cache: ArtifactCache | None = None) -> tuple[AttackResult, float]:
     """The attack's result and the seconds its search took (cached under
     $DIFFBENCH_CACHE/attacks like prepared weights, so a re-run reports the same cost)."""
-    spec = ATTACKS.get(cell.attack)
-    config = spec.config(json.loads(cell.attack_params))
     cache = cache or ArtifactCache(cache_root() / "attacks")
     key = attack_key(cell, config)
     tensors = cache.load(cell.attack, key)
@@ -90,21 +88,20 @@ def phase_attack(run: Any, switch: Any, prompts: Any,
             run.spec, batch[i:i + size], seeds[i:i + size], steps, cell.guidance,
             cell.resolution, overrides)) for i in range(0, len(batch), size)])
 
-    concept = json.loads(cell.attack_params)["concept"]
-    rewritten, handle, row = run_attack(cell, run.pipe, switch, make, texts,
-                                        concept_detector(context, concept))
+    spec = ATTACKS.get(cell.attack)
+    config = spec.config(json.loads(cell.attack_params))
+    rewritten, handle, row = run_attack(cell, spec, config, run.pipe, switch, make, texts,
+                                        concept_detector(context, config.concept))
     run.batches = [dataclasses.replace(b, texts=tuple(rewritten[i] for i in b.indices))
                    for b in run.batches]
     return handle, row
 
 
-def run_attack(cell: Any, pipe: Any, switch: Any, make: Any, texts: list[str],
-               detector: Any) -> tuple[list[str], MethodHandle, dict[str, Any]]:
+def run_attack(cell: Any, spec: Any, config: Any, pipe: Any, switch: Any, make: Any,
+               texts: list[str], detector: Any) -> tuple[list[str], MethodHandle, dict[str, Any]]:
     """Search (or load) the attack; the rewritten prompts (all of the cell's, in order), the
     installed result's handle and the row's columns. `make(texts, seeds, steps)` generates on
     the pipeline as it is at the time of the call."""
-    spec = ATTACKS.get(cell.attack)
-    config = spec.config(json.loads(cell.attack_params))
 
     def original(prompts: list[str], seeds: list[int], steps: int) -> torch.Tensor:
         switch.off()
@@ -116,6 +113,6 @@ def run_attack(cell: Any, pipe: Any, switch: Any, make: Any, texts: list[str],
     target = AttackTarget(concept=config.concept, prompts=tuple(texts), seed=cell.seed,
                           device=cell.device, generate=make, original=original,
                           concept_prob=detector, log=lambda m: print(m, flush=True))
-    result, seconds = find(cell, pipe, target)
+    result, seconds = find(cell, spec, config, pipe, target)
     handle = spec.apply(pipe, config, result)
     return rewrite(texts, config.concept, result), handle, columns(cell, result, seconds)
