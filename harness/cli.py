@@ -247,7 +247,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     from harness.reporting import report
     from harness.run.job import failure_line
 
-    path = report.report(args.run_dir, args.out, args.quality, args.columns)
+    path = report.report(args.run_dir, args.out, args.quality, args.columns, args.diff)
     print(f"report: {path}")
     rows = report.load_rows(args.run_dir)
     failed = [failure_line(r["config_hash"], r["model"], r["method"], r["params"],

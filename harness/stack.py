@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 from harness.errors import DiffbenchError
@@ -115,11 +115,41 @@ class StackSpec:
         return StackHandle(self.name, handles)
 
 
+class StackStats(Mapping[str, int]):
+    """The members' counters as one mapping (a counter two members keep is summed);
+    `clear()` clears every member's."""
+
+    def __init__(self, handles: list[MethodHandle]):
+        self.handles = handles
+
+    def merged(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for h in self.handles:
+            for k, v in h.stats.items():
+                out[k] = out.get(k, 0) + v
+        return out
+
+    def __getitem__(self, key: str) -> int:
+        return self.merged()[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.merged())
+
+    def __len__(self) -> int:
+        return len(self.merged())
+
+    def clear(self) -> None:
+        for h in self.handles:
+            h.stats.clear()
+
+
 class StackHandle:
-    """The member handles; `remove()` undoes them in reverse order."""
+    """The member handles; `remove()` undoes them in reverse order; `stats`: the members'
+    counters."""
 
     def __init__(self, name: str, handles: list[MethodHandle]):
         self.name, self.handles = name, handles
+        self.stats = StackStats(handles)
         self.call_kwargs: dict[str, Any] = {}
         self.report: dict[str, Any] = {k: v for h in handles for k, v in h.report.items()}
         for h in handles:

@@ -1,10 +1,13 @@
-"""`diffbench report RUN_DIR`: paper-ready tables, a Pareto plot and image grids of a run.
+"""`diffbench report RUN_DIR`: a page to read, paper-ready tables, Pareto plots and image
+grids of a run.
 
-Writes into REPORT_DIR (default RUN_DIR/report): `report.md` (one Markdown table per model,
-failed cells with their error, links, the environment card), `table.tex` (booktabs tables,
-mean $\\pm$ half-width of the 95% bootstrap interval, best entry per column in bold),
-`pareto.png` (speedup vs a quality column, Pareto front per model) and `grid-<model>.png`
-(the first cached images of every method row). Table building is pure (rows in, text out).
+Writes into REPORT_DIR (default RUN_DIR/report): `report.html` (one self-contained page: the
+sortable tables, plots and grids inline, how to read the columns, the environment card),
+`report.md` (the same as Markdown), `table.tex` (booktabs tables, mean $\\pm$ half-width of the
+95% interval, best entry per column in bold), `pareto-<model>-<column>.png` (speedup against
+each main quality column, numbered points, a legend table, the Pareto front) and
+`grid-<model>.png` (the first cached images of every row, baseline first; `--diff` adds
+`diff-<model>.png`). Rows are numbered the same in every output.
 """
 
 from __future__ import annotations
@@ -18,12 +21,15 @@ from pathlib import Path
 from typing import Any
 
 from harness.errors import DiffbenchError
-from harness.reporting.figures import grids, pareto_column, pareto_plot
+from harness.reporting import html
+from harness.reporting.grids import grids
+from harness.reporting.pareto import pareto_columns, pareto_plots
 from harness.reporting.tables import (
     PARETO_QUALITY,
     QUALITY,
     SPEED,
     Row,
+    baseline_first,
     by_model,
     latex_document,
     markdown_report,
@@ -62,12 +68,13 @@ def check_columns(rows: Sequence[Row], columns: Sequence[str]) -> None:
 
 
 def report(run_dir: str | Path, out_dir: str | Path | None = None, quality: str | None = None,
-           columns: Sequence[str] | None = None) -> Path:
-    """Write report.md, table.tex, pareto.png (when a quality column exists) and the grids."""
+           columns: Sequence[str] | None = None, diff: bool = False) -> Path:
+    """Write report.html, report.md, table.tex, the Pareto plots (when a quality column exists)
+    and the grids; returns report.md's path."""
     rows = load_rows(run_dir)
     if columns:
         check_columns(rows, columns)
-    metrics = list(columns or (*SPEED, *QUALITY))
+    metrics = list(columns or (*SPEED, *QUALITY, "train_s"))
     out = Path(out_dir) if out_dir else Path(run_dir) / "report"
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -75,32 +82,42 @@ def report(run_dir: str | Path, out_dir: str | Path | None = None, quality: str 
         raise DiffbenchError(f"cannot create report folder {out}: {exc.strerror}") from None
     if not os.access(out, os.W_OK):
         raise DiffbenchError(f"report folder {out} is not writable (--out elsewhere?)")
-    ok = [r for r in rows if text(r, "status") == "ok"]
-    groups = by_model(ok)
+    groups = {m: baseline_first(g) for m, g in
+              by_model([r for r in rows if text(r, "status") == "ok"]).items()}
+    ordered = [r for g in groups.values() for r in g] + \
+        [r for r in rows if text(r, "status") != "ok"]
     defaults = method_defaults(sorted({text(r, "method") for r in rows}))
-    column = pareto_column(ok, quality)
-    (out / "pareto.png").unlink(missing_ok=True)
-    if column:
-        pareto_plot(groups, column, out / "pareto.png", defaults)
-    pareto = "pareto.png" if column else ("No quality column in this run (toy model or random "
-                                          "weights): no speed-quality plot.")
-    written = grids(Path(run_dir), groups, out, defaults)
-    (out / "table.tex").write_text(latex_document(rows, metrics, defaults))
+    for old in [*out.glob("pareto*.png"), *out.glob("grid-*.png"), *out.glob("diff-*.png")]:
+        old.unlink()  # a re-made report keeps no figure of an earlier run
+    plots = pareto_plots(groups, pareto_columns(ordered, quality), out, defaults)
+    images = grids(Path(run_dir), groups, out, defaults, diff)
+    title = Path(run_dir).resolve().name
+    figures = {m: [*plots.get(m, []), *images.get(m, [])] for m in groups}
+    missing = "" if plots else ("No quality column in this run (toy model or random weights): "
+                                "no speed-quality plot.")
+    (out / "table.tex").write_text(latex_document(ordered, metrics, defaults))
+    (out / "report.html").write_text(html.page(
+        title, ordered, list(columns or (*html.SPEED, *QUALITY, "train_s")), defaults, groups,
+        {m: [(n, (out / n).read_bytes()) for n in names] for m, names in plots.items()},
+        {m: [(n, (out / n).read_bytes()) for n in names] for m, names in images.items()}))
     path = out / "report.md"
-    path.write_text(markdown_report(Path(run_dir).resolve().name, rows, metrics, written, pareto))
+    path.write_text(markdown_report(title, ordered, metrics, figures, missing))
     return path
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
-    p = subparsers.add_parser("report", help="Markdown / LaTeX tables, Pareto plot and image "
-                                             "grids of a run")
+    p = subparsers.add_parser("report", help="an HTML page, Markdown / LaTeX tables, Pareto "
+                                             "plots and image grids of a run")
     p.add_argument("run_dir", help="output folder of a run")
     p.add_argument("--out", help="report folder (default: RUN_DIR/report)")
     p.add_argument("--quality", metavar="COLUMN",
-                   help=f"y axis of the Pareto plot (default: first of {', '.join(PARETO_QUALITY)}"
-                        " with values)")
+                   help="y axis of the Pareto plot (default: one plot for each of "
+                        f"{', '.join(PARETO_QUALITY)} with values)")
     p.add_argument("--columns", nargs="+", metavar="COLUMN",
-                   help=f"metric columns of the tables (default: {' '.join((*SPEED, *QUALITY))})")
+                   help="metric columns of the tables (default: "
+                        f"{' '.join((*SPEED, *QUALITY, 'train_s'))}, those with values)")
+    p.add_argument("--diff", action="store_true",
+                   help="also diff-<model>.png: |method - baseline| per pixel (x4)")
     return p
 
 

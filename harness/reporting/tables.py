@@ -11,26 +11,37 @@ from typing import Any
 
 from harness.errors import DiffbenchError
 from harness.run.leaderboard import ENVIRONMENT
+from harness.stack import SEP
 
 Row = dict[str, Any]
 SPEED = ("latency_s", "images_per_s", "speedup", "flops_ratio", "peak_mem_mb")
-QUALITY = ("fd_clip", "fid", "clip_score", "nsfw_ratio", "concept_ratio", "psnr", "ssim")
+QUALITY = ("fd_clip", "fid", "kd_clip", "kid", "cmmd_clip", "cmmd", "clip_score", "adherence",
+           "pickscore", "nsfw_ratio", "concept_ratio", "attack_success", "psnr", "ssim")
 PARETO_QUALITY = ("fd_clip", "fid", "clip_score", "psnr")
+# interval columns named after the metric, not the column: latency_s -> latency_ci_lo/_hi
+CI_PREFIX = {"latency_s": "latency"}
 SETTINGS = ("weights", "prompts", "resolution", "dtype", "device", "seed", "n_images",
-            "guidance", "batch_size")  # shown only when they vary within a model's rows
+            "guidance", "batch_size", "attack")  # shown only when they vary within a model's rows
 # column -> registered metric whose class attribute `higher_is_better` gives its direction
 METRIC_OF = {"latency_s": "latency", "peak_mem_mb": "memory", "fid": "fid", "fd_clip": "fd_clip",
-             "clip_score": "clip_score", "nsfw_ratio": "nsfw", "concept_ratio": "concept",
-             "psnr": "fidelity", "ssim": "fidelity"}
+             "kid": "kid", "kd_clip": "kd_clip", "cmmd": "cmmd", "cmmd_clip": "cmmd_clip",
+             "clip_score": "clip_score", "adherence": "adherence", "pickscore": "pickscore",
+             "nsfw_ratio": "nsfw", "concept_ratio": "concept", "psnr": "fidelity",
+             "ssim": "fidelity"}
 HIGHER_FALLBACK = {"speedup": True, "images_per_s": True, "clip_score": True, "psnr": True,
                    "ssim": True, "latency_s": False, "fd_clip": False, "fid": False,
                    "flops_ratio": False, "peak_mem_mb": False, "nsfw_ratio": False,
-                   "concept_ratio": False, "mfu": True, "tflops_achieved": True}
+                   "concept_ratio": False, "mfu": True, "tflops_achieved": True,
+                   "kid": False, "kd_clip": False, "cmmd": False, "cmmd_clip": False,
+                   "adherence": True, "pickscore": True, "attack_success": False,
+                   "train_s": False}
 LATEX_HEADERS = {"latency_s": "Latency (s)", "images_per_s": "Images/s", "speedup": "Speedup",
                  "flops_ratio": "FLOPs ratio", "peak_mem_mb": "Peak mem (MiB)",
                  "fd_clip": "FD-CLIP", "fid": "FID", "clip_score": "CLIP score",
                  "nsfw_ratio": "NSFW ratio", "concept_ratio": "Concept ratio", "psnr": "PSNR",
-                 "ssim": "SSIM"}
+                 "ssim": "SSIM", "kd_clip": "KD-CLIP", "kid": "KID", "cmmd_clip": "CMMD-CLIP",
+                 "cmmd": "CMMD", "adherence": "Adherence", "pickscore": "PickScore",
+                 "attack_success": "Attack success", "train_s": "Train (s)"}
 LATEX_SPECIAL = {"\\": r"\textbackslash{}", "_": r"\_", "%": r"\%", "&": r"\&", "#": r"\#",
                  "{": r"\{", "}": r"\}", "$": r"\$", "~": r"\textasciitilde{}",
                  "^": r"\textasciicircum{}"}
@@ -54,11 +65,17 @@ def text(row: Row, column: str) -> str:
 def with_ci(row: Row, column: str, pm: str = "±") -> str:
     """"value ± half-width" when the row has `<column>_ci_lo/_ci_hi`, else the value as is."""
     value = text(row, column)
-    lo, hi = number(row.get(f"{column}_ci_lo")), number(row.get(f"{column}_ci_hi"))
+    lo, hi = interval(row, column)
     if not value or lo is None or hi is None:
         return value
     decimals = len(value.split(".")[1]) if "." in value else 0
     return f"{value} {pm} {(hi - lo) / 2:.{decimals}f}"
+
+
+def interval(row: Row, column: str) -> tuple[float | None, float | None]:
+    """The row's 95% interval of a column, (None, None) when it has none."""
+    prefix = CI_PREFIX.get(column, column)
+    return number(row.get(f"{prefix}_ci_lo")), number(row.get(f"{prefix}_ci_hi"))
 
 
 def higher_is_better(column: str) -> bool | None:
@@ -102,40 +119,61 @@ def short_value(value: Any) -> str:
         else str(value).lower() if isinstance(value, bool) else str(value)
 
 
+def flat_params(params: dict[str, Any], stacked: bool) -> dict[str, Any]:
+    """A stack's params {member: {key: value}} as {"member.key": value}; others as they are."""
+    if not stacked:
+        return dict(params)
+    return {f"{m}.{k}": v for m, sub in params.items()
+            for k, v in (sub.items() if isinstance(sub, dict) else [("", sub)])}
+
+
+def short_params(method: str, params: dict[str, Any], defaults: dict[str, Any] | None) -> str:
+    """`key=value,...` of the params that differ from the method's defaults (all of them when
+    the defaults are unknown); a stack's as `member.key=value`."""
+    stacked = SEP in method
+    flat, base = flat_params(params, stacked), flat_params(defaults or {}, stacked)
+    return ",".join(f"{k}={short_value(v)}" for k, v in sorted(flat.items())
+                    if defaults is None or k not in base or base[k] != v)
+
+
 def row_labels(rows: Sequence[Row], defaults: dict[str, dict[str, Any]] | None = None
                ) -> list[str]:
-    """Short labels: the method, its params that differ from the method's defaults or between
-    rows of that method, and the settings that vary between the rows (in brackets)."""
+    """Short labels: the method, its params that differ from its defaults, and the settings
+    that vary between the rows (in brackets)."""
     defaults = defaults or {}
     parsed = [json.loads(text(r, "params") or "{}") for r in rows]
-    changing: dict[str, set[str]] = {}
-    for method in {text(r, "method") for r in rows}:
-        mine = [p for r, p in zip(rows, parsed) if text(r, "method") == method]
-        keys = set().union(*mine)
-        changing[method] = {k for k in keys if len({short_value(p.get(k)) for p in mine}) > 1}
+    shown = [short_params(text(r, "method"), p, defaults.get(text(r, "method")))
+             for r, p in zip(rows, parsed)]
     settings = varying(rows)
     labels = []
-    for r, p in zip(rows, parsed):
-        method, base = text(r, "method"), defaults.get(text(r, "method"), {})
-        shown = [f"{k}={short_value(v)}" for k, v in sorted(p.items())
-                 if k in changing[method] or k not in base or base[k] != v]
+    for r, params in zip(rows, shown):
         extra = [f"{c}={text(r, c)}" for c in settings]
-        labels.append(" ".join([method, ",".join(shown), f"[{','.join(extra)}]" if extra else ""])
+        labels.append(" ".join([text(r, "method"), params,
+                                f"[{','.join(extra)}]" if extra else ""])
                       .replace("  ", " ").strip())
     return labels
 
 
 def method_defaults(methods: Sequence[str]) -> dict[str, dict[str, Any]]:
-    """The registered default params of each method (unknown methods: none)."""
+    """The registered default params of each method; a stack's per member (unknown methods:
+    none)."""
     from harness.method import METHODS
 
-    out = {}
+    def of(name: str) -> dict[str, Any]:
+        return {f.name: f.default for f in METHODS.get(name).fields()}
+
+    out: dict[str, dict[str, Any]] = {}
     for name in methods:
         try:
-            out[name] = {f.name: f.default for f in METHODS.get(name).fields()}
+            out[name] = ({m: of(m) for m in name.split(SEP)} if SEP in name else of(name))
         except DiffbenchError:
             continue
     return out
+
+
+def baseline_first(rows: Sequence[Row]) -> list[Row]:
+    """The rows with the baseline ones first, the others in their order."""
+    return sorted(rows, key=lambda r: text(r, "method") != "baseline")
 
 
 def by_model(rows: Sequence[Row]) -> dict[str, list[Row]]:
@@ -143,6 +181,18 @@ def by_model(rows: Sequence[Row]) -> dict[str, list[Row]]:
     for r in rows:
         groups.setdefault(text(r, "model"), []).append(r)
     return groups
+
+
+def wrap(label: str, width: int) -> list[str]:
+    """A label cut into lines of at most `width` characters at spaces and commas (a longer
+    word stays whole)."""
+    lines, line = [], ""
+    for word in re.split(r"(?<=[ ,])", label):
+        if line and len(line) + len(word) > width:
+            lines.append(line.rstrip())
+            line = ""
+        line += word
+    return [*lines, line.rstrip()]
 
 
 def slug(name: str) -> str:
@@ -155,14 +205,14 @@ def arrow(column: str) -> str:
 
 
 def markdown_table(rows: Sequence[Row], metrics: Sequence[str]) -> str:
-    """Method, params, steps, varying settings and the metric columns; best in bold."""
+    """#, method, params, steps, varying settings and the metric columns; best in bold."""
     settings = varying(rows)
     bold = {c: best_rows(rows, c, higher_is_better(c)) for c in metrics}
-    header = ["method", "params", "steps", *settings, *(c + arrow(c) for c in metrics)]
+    header = ["#", "method", "params", "steps", *settings, *(c + arrow(c) for c in metrics)]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for i, r in enumerate(rows):
         params = text(r, "params").replace("|", "\\|")
-        cells = [text(r, "method"), f"`{params}`" if params else "", text(r, "steps"),
+        cells = [str(i + 1), text(r, "method"), f"`{params}`" if params else "", text(r, "steps"),
                  *(text(r, c) for c in settings)]
         for c in metrics:
             value = with_ci(r, c)
@@ -187,7 +237,8 @@ def environment_card(rows: Sequence[Row]) -> str:
 
 
 def model_section(model: str, rows: Sequence[Row], metrics: Sequence[str],
-                  grids: dict[str, str]) -> str:
+                  figures: Sequence[str]) -> str:
+    """A model's heading, table (finished rows), failed cells, notes and figure links."""
     ok = [r for r in rows if text(r, "status") == "ok"]
     failed = [r for r in rows if text(r, "status") != "ok"]
     parts = [f"## {model}", markdown_table(ok, present(ok, metrics)) if ok else "No finished cell."]
@@ -199,24 +250,25 @@ def model_section(model: str, rows: Sequence[Row], metrics: Sequence[str],
                              if text(r, c + "_warning"))])
     if notes:
         parts.append("Notes: " + "; ".join(notes))
-    if model in grids:
-        parts.append(f"![images: {model}]({grids[model]})")
+    parts += [f"![{name.rsplit('.', 1)[0]}]({name})" for name in figures]
     return "\n\n".join(parts)
 
 
 def markdown_report(title: str, rows: Sequence[Row], metrics: Sequence[str],
-                    grids: dict[str, str], pareto: str) -> str:
-    """The whole report.md text; `pareto`: the plot's file name or why there is none."""
+                    figures: dict[str, list[str]], missing_plot: str = "") -> str:
+    """The whole report.md text; `rows` in display order, `figures`: model -> its plot and grid
+    files; `missing_plot`: why there is no speed-quality plot, when there is none."""
     failed = sum(text(r, "status") != "ok" for r in rows)
     intro = (f"# diffbench report: {title}\n\n{len(rows)} cells ({failed} failed). "
              "Values are the leaderboard's; `± h` is half the width of the 95% interval "
              "(bootstrap over images for quality, order statistics over paired rounds for "
-             "speed); best per column in bold (↑ higher is better, ↓ lower is better). "
-             "LaTeX tables: [table.tex](table.tex).")
-    sections = [model_section(m, g, metrics, grids) for m, g in by_model(rows).items()]
-    plot = f"![speedup vs quality]({pareto})" if pareto.endswith(".png") else pareto
-    return "\n\n".join([intro, *sections, "## Speed vs quality", plot,
-                        "## Environment", environment_card(rows)]) + "\n"
+             "speed); best per column in bold (↑ higher is better, ↓ lower is better); `#` "
+             "numbers the points of the plots and the rows of the grids. "
+             "The same on one page: [report.html](report.html); LaTeX tables: "
+             "[table.tex](table.tex).")
+    sections = [model_section(m, g, metrics, figures.get(m, [])) for m, g in by_model(rows).items()]
+    return "\n\n".join([intro, *sections, *([missing_plot] if missing_plot else []),
+                         "## Environment", environment_card(rows)]) + "\n"
 
 
 # --- LaTeX -------------------------------------------------------------------------------

@@ -192,6 +192,14 @@ class MethodContract:
                 self.apply(tiny_pipe, self.active_params)
         self.apply(tiny_pipe, self.active_params).remove()  # allowed again after remove()
 
+    def test_handle_counters_clear_and_read(self, tiny_pipe, tiny_spec):
+        """The runner clears `handle.stats` before the images' calls and reads it after."""
+        with self.apply(tiny_pipe, self.active_params) as handle:
+            handle.stats.clear()
+            run(tiny_pipe, tiny_spec, handle, PROMPTS[:1])
+            counters = dict(handle.stats)
+            assert all(isinstance(k, str) and isinstance(v, int) for k, v in counters.items())
+
     def test_state_resets_between_batches(self, tiny_pipe, tiny_spec):
         ctx = StepContext()
         with self.apply(tiny_pipe, self.active_params, ctx) as handle:

@@ -71,3 +71,16 @@ def test_failed_member_apply_removes_earlier_members(tiny_pipe):
         spec.apply(tiny_pipe, spec.config({"branch": 6}), StepContext())
     assert tiny_pipe.scheduler is scheduler  # solver was undone
     spec.apply(tiny_pipe, spec.config({}), StepContext()).remove()  # nothing left applied
+
+
+def test_stack_counters_sum_members_and_clear_them(tiny_pipe):
+    from harness.steps import StepContext
+
+    spec = resolve_method("deepcache+solver")
+    with spec.apply(tiny_pipe, spec.config({}), StepContext()) as handle:
+        first, second = handle.handles
+        first.stats.update(cache_calls=3, cache_skips=2)
+        second.stats.update(cache_calls=1)
+        assert dict(handle.stats) == {"cache_calls": 4, "cache_skips": 2}
+        handle.stats.clear()
+        assert dict(handle.stats) == {} and first.stats == {} and second.stats == {}

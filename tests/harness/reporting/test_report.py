@@ -7,7 +7,7 @@ from PIL import Image
 
 from harness.cli import main
 from harness.errors import DiffbenchError
-from harness.reporting import figures, tables
+from harness.reporting import pareto, tables
 from harness.reporting import report as rp
 
 DC3 = '{"branch":0,"center":0.3,"interval":3,"power":1.4,"schedule":"uniform"}'
@@ -81,23 +81,37 @@ def test_row_labels_hide_defaults_show_what_differs():
     rows = [make_row(), make_row("deepcache", DC3), make_row("deepcache", DC5),
             make_row("solver", '{"scheduler":"dpmpp","steps":5}')]
     assert tables.row_labels(rows, DEFAULTS) == [
-        "baseline", "deepcache interval=3,schedule=uniform",
-        "deepcache interval=5,schedule=quadratic", "solver steps=5"]
-    assert tables.row_labels(rows[:2], DEFAULTS) == ["baseline", "deepcache"]
+        "baseline", "deepcache", "deepcache interval=5,schedule=quadratic", "solver steps=5"]
+    assert tables.row_labels(rows[:2]) == ["baseline", "deepcache branch=0,center=0.3,interval=3,"
+                                           "power=1.4,schedule=uniform"]  # defaults unknown
     seeds = [make_row(seed="0"), make_row(seed="1")]
     assert tables.row_labels(seeds) == ["baseline [seed=0]", "baseline [seed=1]"]
 
 
+def test_stack_labels_name_member_params_against_member_defaults():
+    params = '{"deepcache":' + DC5 + ',"tome":{"ratio":0.5,"sx":2}}'
+    rows = [make_row("deepcache+tome", params), make_row(attack="none"),
+            make_row(attack="ringabell")]
+    defaults = tables.method_defaults(["deepcache+tome"])
+    assert set(defaults["deepcache+tome"]) == {"deepcache", "tome"}
+    assert tables.row_labels(rows[:1], defaults) == [
+        "deepcache+tome deepcache.interval=5,deepcache.schedule=quadratic"]  # tome at defaults
+    assert tables.row_labels(rows[1:]) == ["baseline [attack=none]",
+                                           "baseline [attack=ringabell]"]
+    assert tables.wrap("deepcache interval=5,schedule=quadratic", 20) == [
+        "deepcache", "interval=5,", "schedule=quadratic"]
+
+
 def test_pareto_front_both_directions():
     pts = [(1.0, 0.12), (2.0, 0.15), (3.0, 0.21), (2.3, 0.25), (1.5, 0.30)]
-    assert figures.pareto_front(pts, higher_y=False) == [0, 1, 2]
-    assert figures.pareto_front(pts, higher_y=True) == [4, 3, 2]
-    assert figures.pareto_front([(1.0, 1.0), (1.0, 1.0), (0.5, 1.0)], True) == [0, 1]
-    assert figures.pareto_front([], True) == []
+    assert pareto.pareto_front(pts, higher_y=False) == [0, 1, 2]
+    assert pareto.pareto_front(pts, higher_y=True) == [4, 3, 2]
+    assert pareto.pareto_front([(1.0, 1.0), (1.0, 1.0), (0.5, 1.0)], True) == [0, 1]
+    assert pareto.pareto_front([], True) == []
 
 
 def test_ci_error_bars(rows):
-    below, above = figures.ci_errors(rows, [0, 1, 2], "fd_clip")
+    below, above = pareto.ci_errors(rows, [0, 1, 2], "fd_clip")
     assert below == pytest.approx([0.02, 0.03, 0.0]) and above == pytest.approx([0.02, 0.04, 0.0])
 
 
@@ -105,12 +119,12 @@ def test_ci_error_bars(rows):
 def test_markdown_table_bold_ci_and_arrows(rows):
     text = tables.markdown_table(rows, ["latency_s", "fd_clip", "psnr"])
     lines = text.splitlines()
-    assert lines[0] == "| method | params | steps | latency_s ↓ | fd_clip ↓ | psnr ↑ |"
+    assert lines[0] == "| # | method | params | steps | latency_s ↓ | fd_clip ↓ | psnr ↑ |"
     assert "**0.120000 ± 0.020000**" in lines[2]  # lower fd_clip wins: the baseline
     assert "**31.2000 ± 1.1000**" in lines[3] and "| 24.5000 |" in lines[4]
     assert "**0.100000**" in lines[4] and "**" not in lines[2].split("|")[4]
     seeded = tables.markdown_table([make_row(seed="0"), make_row(seed="1")], [])
-    assert seeded.splitlines()[0] == "| method | params | steps | seed |"
+    assert seeded.splitlines()[0] == "| # | method | params | steps | seed |"
 
 
 def test_latex_table_booktabs_bold_and_escaping(rows):
@@ -130,10 +144,12 @@ def test_latex_table_booktabs_bold_and_escaping(rows):
 def test_failed_rows_listed_in_markdown_only(rows):
     bad = make_row("solver", '{"steps":7}', status="error", error="RuntimeError: boom | 50%")
     all_rows = [*rows, bad]
-    md = tables.markdown_report("run", all_rows, ["latency_s", "fd_clip"], {}, "pareto.png")
+    md = tables.markdown_report("run", all_rows, ["latency_s", "fd_clip"],
+                                {"tiny-sd": ["pareto-tiny-sd-fd_clip.png"]})
     assert "4 cells (1 failed)" in md
     assert "- solver `{\"steps\":7}`: RuntimeError: boom \\| 50%" in md
-    assert "![speedup vs quality](pareto.png)" in md and "| device_name | AMD EPYC |" in md
+    assert "![pareto-tiny-sd-fd_clip](pareto-tiny-sd-fd_clip.png)" in md
+    assert "| device_name | AMD EPYC |" in md
     assert "| cuda | - |" in md
     tex = tables.latex_document(all_rows, ["latency_s"], DEFAULTS)
     assert "steps=7" not in tex
@@ -181,9 +197,10 @@ def test_end_to_end_real_run(tmp_path, capsys):
     md = (out / "report.md").read_text()
     assert "## tiny-sd" in md and "| deepcache |" in md and "no speed-quality plot" in md
     assert r"\toprule" in (out / "table.tex").read_text()
-    assert not (out / "pareto.png").exists()  # tiny-sd has no quality column
+    assert not list(out.glob("pareto*.png"))  # tiny-sd has no quality column
     width, height = _size(out / "grid-tiny-sd.png")
     assert height >= 2 * 64 and width >= 2 * 64 + 40  # 2 rows, 2 tiles >= 64 px, a label
+    assert (out / "report.html").is_file() and not (out / "diff-tiny-sd.png").exists()
 
     store = CellStore(run)  # quality columns as a scored run would have them (tiny-sd has none)
     for record in store.records():
@@ -199,7 +216,7 @@ def test_end_to_end_real_run(tmp_path, capsys):
     md = (tmp_path / "rep" / "report.md").read_text()
     assert "| speedup ↑ | psnr ↑ |" in md and " ± " in md and "latency_s" not in md
     assert "psnr: n=2 < 10: wide interval" in md  # the metric's small-sample warning
-    width, height = _size(tmp_path / "rep" / "pareto.png")
+    width, height = _size(tmp_path / "rep" / "pareto-tiny-sd-psnr.png")
     assert width >= 400 and height >= 300
     assert main(["report", str(run), "--columns", "nosuch"]) == 2
     assert main(["report", str(run), "--quality", "fid"]) == 2
