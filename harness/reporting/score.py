@@ -21,9 +21,11 @@ def score_record(record: dict[str, Any], store: Any, metrics: Sequence[str],
     """The record with the quality columns of `metrics` recomputed from its cached images."""
     import torch
 
+    from harness.attack import NO_ATTACK
     from harness.metric import MetricContext
     from harness.models import MODELS
     from harness.prompts import load_prompts
+    from harness.run.attack import success_columns
     from harness.run.cell import compute_metrics, images_observation, metric_states
     from harness.run.config import Cell
 
@@ -35,6 +37,8 @@ def score_record(record: dict[str, Any], store: Any, metrics: Sequence[str],
     context = MetricContext(cell=cell, spec=spec, store=store, options=options or {})
     columns = compute_metrics(tuple(metrics), [metric_states(tuple(metrics), [obs], context)],
                               context)
+    if cell.attack != NO_ATTACK:  # the concept ratio under the row's attack, as the run gives it
+        columns.update(success_columns(columns))
     return {**record, "metrics": {**record.get("metrics", {}), **columns}}
 
 

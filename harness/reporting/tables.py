@@ -18,6 +18,7 @@ SPEED = ("latency_s", "images_per_s", "speedup", "flops_ratio", "peak_mem_mb")
 QUALITY = ("fd_clip", "fid", "kd_clip", "kid", "cmmd_clip", "cmmd", "clip_score", "adherence",
            "pickscore", "nsfw_ratio", "concept_ratio", "attack_success", "psnr", "ssim")
 PARETO_QUALITY = ("fd_clip", "fid", "clip_score", "psnr")
+VALUE_CHARS = 24  # a param value in a label is cut after this many characters
 # interval columns named after the metric, not the column: latency_s -> latency_ci_lo/_hi
 CI_PREFIX = {"latency_s": "latency"}
 SETTINGS = ("weights", "prompts", "resolution", "dtype", "device", "seed", "n_images",
@@ -129,10 +130,16 @@ def flat_params(params: dict[str, Any], stacked: bool) -> dict[str, Any]:
 
 def short_params(method: str, params: dict[str, Any], defaults: dict[str, Any] | None) -> str:
     """`key=value,...` of the params that differ from the method's defaults (all of them when
-    the defaults are unknown); a stack's as `member.key=value`."""
+    the defaults are unknown); a stack's as `member.key=value`; a value longer than
+    VALUE_CHARS cut with an ellipsis (the params column has them whole)."""
     stacked = SEP in method
     flat, base = flat_params(params, stacked), flat_params(defaults or {}, stacked)
-    return ",".join(f"{k}={short_value(v)}" for k, v in sorted(flat.items())
+
+    def cut(value: Any) -> str:
+        shown = short_value(value)
+        return shown if len(shown) <= VALUE_CHARS else shown[:VALUE_CHARS - 1] + "…"
+
+    return ",".join(f"{k}={cut(v)}" for k, v in sorted(flat.items())
                     if defaults is None or k not in base or base[k] != v)
 
 

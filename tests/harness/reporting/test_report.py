@@ -98,6 +98,9 @@ def test_stack_labels_name_member_params_against_member_defaults():
         "deepcache+tome deepcache.interval=5,deepcache.schedule=quadratic"]  # tome at defaults
     assert tables.row_labels(rows[1:]) == ["baseline [attack=none]",
                                            "baseline [attack=ringabell]"]
+    long = make_row("uce", '{"preserve":"green,yellow,orange,purple,white,black"}')
+    assert tables.row_labels([long], {"uce": {"preserve": ""}}) == [
+        "uce preserve=green,yellow,orange,pur…"]  # 24 characters with the ellipsis
     assert tables.wrap("deepcache interval=5,schedule=quadratic", 20) == [
         "deepcache", "interval=5,", "schedule=quadratic"]
 

@@ -65,6 +65,25 @@ def test_score_fills_quality_columns_and_keeps_speed(tmp_path, quality_tiny):
     assert sc.score(tmp_path, ("fidelity", "clip_score", "nsfw"))[0].read_text() == first
 
 
+def test_attacked_cells_get_attack_success_from_the_new_concept_ratio(tmp_path, monkeypatch):
+    from harness.run import cell as run_cell
+
+    store = CellStore(tmp_path)
+    attacked = dataclasses.replace(make_cell(), attack="synonyms",
+                                   attack_params='{"concept":"red"}')
+    store.save_images(attacked.key, np.zeros((4, 32, 32, 3), dtype=np.uint8))
+    record = {"key": attacked.key, "cell": attacked.identity(), "status": "ok",
+              "metrics": {"attack_success": 0.9, "attack_s": 3.0}}
+    ratio = {"concept_ratio": 0.25, "concept_ratio_ci_lo": 0.0, "concept_ratio_ci_hi": 0.75}
+    monkeypatch.setattr(run_cell, "compute_metrics", lambda *args: dict(ratio))
+    scored = sc.score_record(record, store, ("concept",))["metrics"]
+    assert scored["attack_success"] == 0.25 and scored["attack_success_ci_hi"] == 0.75
+    assert scored["attack_s"] == 3.0  # the attack's own columns stay
+    plain = {**record, "key": make_cell().key, "cell": make_cell().identity()}
+    store.save_images(plain["key"], np.zeros((4, 32, 32, 3), dtype=np.uint8))
+    assert sc.score_record(plain, store, ("concept",))["metrics"]["attack_success"] == 0.9
+
+
 def test_random_weight_cells_get_no_quality_columns(tmp_path, quality_tiny):
     write_run(tmp_path, weights="none")
     rows = read_csv(sc.score(tmp_path, ("fidelity", "clip_score"))[0])
