@@ -194,9 +194,10 @@ class MethodContract:
 
     def test_handle_counters_clear_and_read(self, tiny_pipe, tiny_spec):
         """The runner clears `handle.stats` before the images' calls and reads it after."""
-        with self.apply(tiny_pipe, self.active_params) as handle:
+        ctx = StepContext()
+        with self.apply(tiny_pipe, self.active_params, ctx) as handle:
             handle.stats.clear()
-            run(tiny_pipe, tiny_spec, handle, PROMPTS[:1])
+            run(tiny_pipe, tiny_spec, handle, PROMPTS[:2], ctx=ctx)
             counters = dict(handle.stats)
             assert all(isinstance(k, str) and isinstance(v, int) for k, v in counters.items())
 
