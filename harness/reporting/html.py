@@ -148,7 +148,9 @@ def table(model: str, rows: Sequence[Row], failed: Sequence[Row], metrics: Seque
     for i, r in enumerate(every):
         params = short_params(text(r, "method"), _params(r), defaults.get(text(r, "method")))
         tds = [cell(str(i + 1), i + 1), f'<td class="t">{esc(text(r, "method"))}</td>',
-               f'<td class="t" title="{esc(text(r, "params"))}"><code>{esc(params)}</code></td>',
+               f'<td class="t" title="{esc(text(r, "params"))}">'
+               + (f"<code>{esc(params)}</code>" if params or text(r, "method") == "baseline"
+                  else '<span class="muted">defaults</span>') + "</td>",
                cell(text(r, "steps"), number(r.get("steps"))),
                *(f'<td class="t">{esc(text(r, c))}</td>' for c in settings)]
         for c in shown:

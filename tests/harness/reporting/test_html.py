@@ -14,7 +14,7 @@ import pytest
 
 from harness.cli import main
 from harness.reporting import html
-from tests.harness.reporting.test_report import DEFAULTS, make_row
+from tests.harness.reporting.test_report import DC3, DEFAULTS, make_row
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
@@ -43,6 +43,7 @@ def test_page_is_self_contained_and_escaped():
     png = b"\x89PNG\r\n\x1a\nfake"
     rows = [make_row(speedup="1.0000"),
             make_row("deepcache", '{"interval":5}', speedup="2.0000", fd_clip="0.15"),
+            make_row("deepcache", DC3, speedup="1.5000"),
             make_row("solver", '{"steps":7}', status="error", error="RuntimeError: <boom>")]
     text = page_of(rows, plots={"tiny-sd": [("pareto-x.png", png)]})
     assert not re.search(r"""(src|href)=["']?(https?:)?//""", text)  # nothing fetched
@@ -51,8 +52,9 @@ def test_page_is_self_contained_and_escaped():
     assert [base64.b64decode(u) for u in uris] == [png]
     assert "diffbench report: run&lt;1&gt;" in text and "RuntimeError: &lt;boom&gt;" in text
     body = text.split("<tbody>")[1].split("</tbody>")[0]
-    assert body.count("<tr") == 3 and body.count('class=failed') == 1  # failed row last
+    assert body.count("<tr") == 4 and body.count('class=failed') == 1  # failed row last
     assert "<code>interval=5</code>" in body  # only what differs from the defaults
+    assert '<span class="muted">defaults</span>' in body.split("<tr")[3]
     assert 'data-sort="2.0"' in body and "How to read this" in text
     assert "<i>(counted)</i>" not in text  # only the shown columns are explained
     assert "<code>speedup</code> ↑" in text and "(measured)" in text
